@@ -1,0 +1,214 @@
+"""Context Normalization (CN): batch statistics per context, running statistics per context.
+
+    y = gamma_k * (x - mu_k) / sqrt((var_k + eps) * lambda_k) + beta_k,   k = context of the sample
+
+mu_k, var_k are the mean and (biased) variance of the activations of the
+samples of context k in the mini-batch, per channel, over the samples and all
+non-channel positions. With K = 1 and lambda = 1 this is nn.BatchNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ._validation import PriorsLike
+from .base import IdConditionedNorm
+from .layout import ChannelLayout
+from .statistics import (
+    gathered_affine,
+    pool_moments_by_id,
+    sample_gradient_sums,
+    standardize_rows,
+    stats_dtype,
+    update_running_stats_,
+)
+
+
+class _ContextBatchNormFunction(torch.autograd.Function):
+    """Training-mode CN with a hand-written backward.
+
+    Autograd through the per-sample moments would cost several passes over
+    the input; this backward costs one reduction pass and two fused updates,
+    about what BatchNorm's costs. Contexts with at most one element in the
+    batch use the running statistics given, which then act as constants.
+
+    Inputs: x3 (3-D view), context_ids (N,), gain (K, C) = gamma/sqrt(lambda),
+    bias (K, C) or None, running_mean / running_var (K, C).
+    Outputs: y3, then non-differentiable tensors: the batch count (K,), mean
+    and unbiased variance (K, C) for the running statistics, and what the
+    backward needs.
+    """
+
+    @staticmethod
+    def forward(
+        x3: torch.Tensor,
+        context_ids: torch.Tensor,
+        gain: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+        layout: ChannelLayout,
+    ) -> Tuple[torch.Tensor, ...]:
+        with torch.autocast(x3.device.type, enabled=False):
+            rows = standardize_rows(x3, layout)
+            pooled = pool_moments_by_id(rows.moments, context_ids, gain.shape[0])
+            from_batch = (pooled.count > 1).unsqueeze(1)
+            mean = torch.where(from_batch, pooled.mean, running_mean.to(pooled.mean.dtype))
+            var = torch.where(from_batch, pooled.variance(), running_var.to(pooled.mean.dtype))
+            inv_std = torch.rsqrt(var + eps)
+            scale = (inv_std * gain).index_select(0, context_ids)
+            context_mean = mean.index_select(0, context_ids)
+            # y = (x - mu_k) * scale + beta_k with x = values * row_scale + row_offset, in the buffer of values
+            shift = (rows.row_offset - context_mean) * scale
+            if bias is not None:
+                shift = shift + bias.index_select(0, context_ids)
+            y3 = rows.values.mul_(layout.expand(scale * rows.row_scale)).add_(layout.expand(shift))
+        sample_mean = rows.moments.mean
+        return y3.to(x3.dtype), pooled.count, pooled.mean, pooled.unbiased_variance(), sample_mean, mean, inv_std
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
+        x3, context_ids, gain, bias, _, _, _, layout = inputs
+        _, count, batch_mean, batch_var, sample_mean, mean, inv_std = output
+        ctx.layout = layout
+        ctx.has_bias = bias is not None
+        # The extra outputs get no gradient; materialising zeros for them would cost time.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x3, context_ids, gain, count, sample_mean, mean, inv_std)
+        ctx.mark_non_differentiable(count, batch_mean, batch_var, sample_mean, mean, inv_std)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y3: Optional[torch.Tensor], *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
+        if grad_y3 is None:
+            return (None,) * 8
+        x3, context_ids, gain, count, sample_mean, mean, inv_std = ctx.saved_tensors
+        layout: ChannelLayout = ctx.layout
+        with torch.autocast(x3.device.type, enabled=False):
+            x3 = x3.to(mean.dtype)
+            grad = grad_y3.to(mean.dtype)
+            sample_grad_sum, sample_grad_dot = sample_gradient_sums(grad, x3, sample_mean, layout)
+            context_mean = mean.index_select(0, context_ids)
+            # sum over each sample's positions of grad * (x - mu_k)
+            sample_grad_dot = sample_grad_dot + (sample_mean - context_mean) * sample_grad_sum
+            grad_sum = torch.zeros_like(mean).index_add(0, context_ids, sample_grad_sum)
+            grad_dot = torch.zeros_like(mean).index_add(0, context_ids, sample_grad_dot)
+
+            # Contexts normalised with running statistics get no gradient through mu_k, var_k.
+            inv_count = torch.where(count > 1, 1.0 / count.clamp_min(1.0), torch.zeros_like(count)).unsqueeze(1)
+            scale = inv_std * gain.to(mean.dtype)
+            # grad_x = scale * grad + x_coef * (x - mu_k) + constant, per context and channel
+            x_coef = -scale * inv_std * inv_std * grad_dot * inv_count
+            constant = -scale * grad_sum * inv_count - x_coef * mean
+            grad_x3 = gathered_affine(grad, context_ids, scale, constant, layout)
+            grad_x3.addcmul_(x3, layout.expand(x_coef.index_select(0, context_ids)))
+        return (
+            grad_x3.to(grad_y3.dtype) if ctx.needs_input_grad[0] else None,
+            None,
+            (inv_std * grad_dot).to(gain.dtype) if ctx.needs_input_grad[2] else None,
+            grad_sum if ctx.has_bias and ctx.needs_input_grad[3] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class ContextNorm(IdConditionedNorm):
+    """Context Normalization (Faye et al.): BatchNorm with one set of statistics per context.
+
+    Args:
+        num_features: C.
+        num_contexts: K.
+        eps: added to the variance.
+        momentum: running-statistics rate, BatchNorm semantics (``None``: cumulative average).
+        affine: learn per-context gamma_k, beta_k, parameters ``weight`` and ``bias`` of shape (K, C).
+        priors: lambda_k, shape (K,), positive, summing to 1; uniform by default.
+        channel_dim: 1 for (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W); -1 for (N, ..., C).
+
+    Shape:
+        x: as above; context_ids: (N,) integers in [0, K). Output: shape of x.
+
+    Buffers ``running_mean`` and ``running_var`` (K, C) hold per-context
+    statistics (unbiased variance), ``num_batches_tracked`` (K,) the number of
+    batches that updated each context. A context absent from the batch keeps
+    its running statistics; a context with a single element per channel is
+    normalised with them and does not update them.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_contexts: int,
+        *,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        priors: PriorsLike = None,
+        channel_dim: int = 1,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            num_contexts,
+            eps=eps,
+            channel_dim=channel_dim,
+            affine=affine,
+            priors=priors,
+            device=device,
+            dtype=dtype,
+        )
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}.")
+        self.momentum = momentum
+        stats_shape = (num_contexts, num_features)
+        self.register_buffer("running_mean", torch.zeros(stats_shape, device=device, dtype=stats_dtype(dtype or torch.float32)))
+        self.register_buffer("running_var", torch.ones(stats_shape, device=device, dtype=stats_dtype(dtype or torch.float32)))
+        self.register_buffer("num_batches_tracked", torch.zeros(num_contexts, dtype=torch.long, device=device))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        super().reset_parameters()
+
+    def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x3 = self._view3d(x)
+        context_ids = self._check_ids(context_ids, x.shape[0])
+        dtype = stats_dtype(x.dtype)
+        if not self.training:
+            inv_std = torch.rsqrt(self.running_var.to(dtype) + self.eps)
+            scale = inv_std * self._gain(dtype)
+            shift = -self.running_mean.to(dtype) * scale
+            if self.bias is not None:
+                shift = shift + self._shift(dtype)
+            return gathered_affine(x3, context_ids, scale, shift, self.layout).to(x.dtype).reshape(x.shape)
+
+        y3, count, batch_mean, batch_var, *_ = _ContextBatchNormFunction.apply(
+            x3,
+            context_ids,
+            self._gain(dtype),
+            self._shift(dtype),
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            self.layout,
+        )
+        self._update_running_stats(count, batch_mean, batch_var)
+        return y3.reshape(x.shape)
+
+    @torch.no_grad()
+    def _update_running_stats(self, count: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        update_running_stats_(
+            self.running_mean, self.running_var, self.num_batches_tracked, self.momentum, count, mean, unbiased_var
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"

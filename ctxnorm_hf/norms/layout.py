@@ -1,0 +1,105 @@
+"""Canonical 3-D views of the input layouts the layers accept.
+
+Every layer works on a view ``x3`` of the input with one batch dim, one
+channel dim and one dim that gathers all other positions:
+
+- channels-first (``channel_dim=1``): (N, C, *) -> (N, C, M)
+- channels-last (``channel_dim=-1``): (N, *, C) -> (N, M, C)
+
+M is the number of positions per sample (1 for (N, C) inputs). Per-sample,
+per-channel quantities of shape (N, C) broadcast against ``x3`` with
+:meth:`ChannelLayout.expand`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    channels_last: bool
+
+    @classmethod
+    def from_channel_dim(cls, channel_dim: int) -> "ChannelLayout":
+        return cls(channels_last=channel_dim == -1)
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of C in the 3-D view."""
+        return 2 if self.channels_last else 1
+
+    @property
+    def position_axis(self) -> int:
+        """Axis of M in the 3-D view."""
+        return 1 if self.channels_last else 2
+
+    def view3d(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, *) -> (N, C, M) or (N, *, C) -> (N, M, C)."""
+        n = x.shape[0]
+        if self.channels_last:
+            return x.reshape(n, -1, x.shape[-1])
+        return x.reshape(n, x.shape[1], -1)
+
+    def positions(self, x3: torch.Tensor) -> int:
+        return x3.shape[self.position_axis]
+
+    def expand(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> a view that broadcasts against the 3-D input."""
+        return per_sample.unsqueeze(self.position_axis)
+
+    def sum_over_positions(self, x3: torch.Tensor) -> torch.Tensor:
+        """(N, C): sum over the M positions."""
+        return x3.sum(self.position_axis)
+
+    def sum_of_squares_over_positions(self, x3: torch.Tensor) -> torch.Tensor:
+        """(N, C): sum of squares over the M positions, without materialising x3 ** 2.
+
+        A norm reduction over the contiguous last axis is one fast pass; over
+        the strided middle axis it is not, so channels-last uses a dot product.
+        """
+        if self.channels_last:
+            return torch.linalg.vecdot(x3, x3, dim=1)
+        return torch.linalg.vector_norm(x3, dim=2).square()
+
+    def affine_rows(self, x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """x3 * scale + shift with scale, shift of shape (N, C): one value per (sample, channel) row.
+
+        Channels-first rows are contiguous, so this is BatchNorm's inference
+        kernel over (1, N * C, M) with mean 0, variance 1 and eps 0, which is
+        exact and faster than a broadcast addcmul.
+        """
+        if self.channels_last:
+            return torch.addcmul(self.expand(shift), x3, self.expand(scale))
+        rows = x3.reshape(1, -1, x3.shape[2])
+        flat_scale = scale.reshape(-1)
+        zeros, ones = torch.zeros_like(flat_scale), torch.ones_like(flat_scale)
+        return torch.batch_norm(rows, flat_scale, shift.reshape(-1), zeros, ones, False, 0.0, 0.0, False).view_as(x3)
+
+    def along_channels(self, vector: torch.Tensor) -> torch.Tensor:
+        """(C,) or (K,) -> a view that broadcasts along the channel axis of a 3-D view."""
+        return vector if self.channels_last else vector.unsqueeze(-1)
+
+    def project(self, x3: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Contract the channel axis with ``matrix`` of shape (K, C).
+
+        Returns (N, K, M) for channels-first and (N, M, K) for channels-last,
+        i.e. the channel axis of ``x3`` replaced by K.
+        """
+        if self.channels_last:
+            return x3 @ matrix.transpose(0, 1)
+        return matrix @ x3
+
+    def unproject(self, weights3: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse direction of :meth:`project`: (N, K, M) / (N, M, K) with (K, C) -> C on the channel axis."""
+        if self.channels_last:
+            return weights3 @ matrix
+        return matrix.transpose(0, 1) @ weights3
+
+    def position_vectors(self, x3: torch.Tensor) -> torch.Tensor:
+        """All position vectors as rows: (N * M, C). Copies for channels-first."""
+        if self.channels_last:
+            return x3.reshape(-1, x3.shape[-1])
+        return x3.transpose(1, 2).reshape(-1, x3.shape[1])
