@@ -18,6 +18,7 @@ from .base import IdConditionedNorm
 from .layout import ChannelLayout
 from .statistics import (
     gathered_affine,
+    index_sum,
     pool_moments_by_id,
     sample_gradient_sums,
     standardize_rows,
@@ -36,13 +37,13 @@ class _ContextBatchNormFunction(torch.autograd.Function):
 
     Inputs: x3 (3-D view), context_ids (N,), gain (K, C) = gamma/sqrt(lambda),
     bias (K, C) or None, running_mean / running_var (K, C).
-    Outputs: y3, then non-differentiable tensors: the batch count (K,), mean
-    and unbiased variance (K, C) for the running statistics, and what the
-    backward needs.
+    Outputs: y3, and the batch count (K,), mean and unbiased variance (K, C)
+    for the running statistics (non-differentiable).
     """
 
     @staticmethod
     def forward(
+        ctx: Any,
         x3: torch.Tensor,
         context_ids: torch.Tensor,
         gain: torch.Tensor,
@@ -51,34 +52,28 @@ class _ContextBatchNormFunction(torch.autograd.Function):
         running_var: torch.Tensor,
         eps: float,
         layout: ChannelLayout,
-    ) -> Tuple[torch.Tensor, ...]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(x3.device.type, enabled=False):
             rows = standardize_rows(x3, layout)
             pooled = pool_moments_by_id(rows.moments, context_ids, gain.shape[0])
             from_batch = (pooled.count > 1).unsqueeze(1)
-            mean = torch.where(from_batch, pooled.mean, running_mean.to(pooled.mean.dtype))
-            var = torch.where(from_batch, pooled.variance(), running_var.to(pooled.mean.dtype))
+            mean = torch.where(from_batch, pooled.mean, running_mean)
+            var = torch.where(from_batch, pooled.variance(), running_var)
             inv_std = torch.rsqrt(var + eps)
-            scale = (inv_std * gain).index_select(0, context_ids)
-            context_mean = mean.index_select(0, context_ids)
-            # y = (x - mu_k) * scale + beta_k with x = values * row_scale + row_offset, in the buffer of values
-            shift = (rows.row_offset - context_mean) * scale
-            if bias is not None:
-                shift = shift + bias.index_select(0, context_ids)
+            context_scale = inv_std * gain
+            context_shift = -mean * context_scale if bias is None else bias - mean * context_scale
+            # y = x * scale_k + shift_k with x = values * row_scale + row_offset, written in the buffer of values
+            scale = context_scale.index_select(0, context_ids)
+            shift = torch.addcmul(context_shift.index_select(0, context_ids), rows.row_offset, scale)
             y3 = rows.values.mul_(layout.expand(scale * rows.row_scale)).add_(layout.expand(shift))
-        sample_mean = rows.moments.mean
-        return y3.to(x3.dtype), pooled.count, pooled.mean, pooled.unbiased_variance(), sample_mean, mean, inv_std
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
-        x3, context_ids, gain, bias, _, _, _, layout = inputs
-        _, count, batch_mean, batch_var, sample_mean, mean, inv_std = output
         ctx.layout = layout
         ctx.has_bias = bias is not None
-        # The extra outputs get no gradient; materialising zeros for them would cost time.
+        # The statistics outputs get no gradient; materialising zeros for them would cost time.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x3, context_ids, gain, count, sample_mean, mean, inv_std)
-        ctx.mark_non_differentiable(count, batch_mean, batch_var, sample_mean, mean, inv_std)
+        ctx.save_for_backward(x3, context_ids, gain, pooled.count, rows.moments.mean, mean, inv_std)
+        batch_var = pooled.unbiased_variance()
+        ctx.mark_non_differentiable(pooled.count, pooled.mean, batch_var)
+        return y3.to(x3.dtype), pooled.count, pooled.mean, batch_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -91,15 +86,17 @@ class _ContextBatchNormFunction(torch.autograd.Function):
             x3 = x3.to(mean.dtype)
             grad = grad_y3.to(mean.dtype)
             sample_grad_sum, sample_grad_dot = sample_gradient_sums(grad, x3, sample_mean, layout)
-            context_mean = mean.index_select(0, context_ids)
-            # sum over each sample's positions of grad * (x - mu_k)
-            sample_grad_dot = sample_grad_dot + (sample_mean - context_mean) * sample_grad_sum
-            grad_sum = torch.zeros_like(mean).index_add(0, context_ids, sample_grad_sum)
-            grad_dot = torch.zeros_like(mean).index_add(0, context_ids, sample_grad_dot)
+            # sums over each sample's positions of grad and of grad * (x - mu_k), pooled per context
+            sample_grad_dot = torch.addcmul(
+                sample_grad_dot, sample_mean - mean.index_select(0, context_ids), sample_grad_sum
+            )
+            grad_sum, grad_dot = index_sum(
+                torch.cat([sample_grad_sum, sample_grad_dot], dim=1), context_ids, mean.shape[0]
+            ).chunk(2, dim=1)
 
             # Contexts normalised with running statistics get no gradient through mu_k, var_k.
-            inv_count = torch.where(count > 1, 1.0 / count.clamp_min(1.0), torch.zeros_like(count)).unsqueeze(1)
-            scale = inv_std * gain.to(mean.dtype)
+            inv_count = (torch.where(count > 1, count, torch.inf).reciprocal()).unsqueeze(1)
+            scale = inv_std * gain
             # grad_x = scale * grad + x_coef * (x - mu_k) + constant, per context and channel
             x_coef = -scale * inv_std * inv_std * grad_dot * inv_count
             constant = -scale * grad_sum * inv_count - x_coef * mean
@@ -108,7 +105,7 @@ class _ContextBatchNormFunction(torch.autograd.Function):
         return (
             grad_x3.to(grad_y3.dtype) if ctx.needs_input_grad[0] else None,
             None,
-            (inv_std * grad_dot).to(gain.dtype) if ctx.needs_input_grad[2] else None,
+            inv_std * grad_dot if ctx.needs_input_grad[2] else None,
             grad_sum if ctx.has_bias and ctx.needs_input_grad[3] else None,
             None,
             None,
@@ -191,7 +188,7 @@ class ContextNorm(IdConditionedNorm):
                 shift = shift + self._shift(dtype)
             return gathered_affine(x3, context_ids, scale, shift, self.layout).to(x.dtype).reshape(x.shape)
 
-        y3, count, batch_mean, batch_var, *_ = _ContextBatchNormFunction.apply(
+        y3, count, batch_mean, batch_var = _ContextBatchNormFunction.apply(
             x3,
             context_ids,
             self._gain(dtype),

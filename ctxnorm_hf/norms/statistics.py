@@ -129,15 +129,19 @@ def pool_moments_by_id(moments: Moments, ids: torch.Tensor, num_contexts: int) -
         count (K,), mean (K, C), m2 (K, C). Empty groups get count 0, mean 0, m2 0.
     """
     count, mean, m2 = moments
-    channels = mean.shape[1]
-    pooled_count = count.new_zeros(num_contexts).index_add(0, ids, count)
-    weighted = mean * count.unsqueeze(1)
-    sums = mean.new_zeros(num_contexts, channels).index_add(0, ids, weighted)
-    pooled_mean = sums / pooled_count.clamp_min(1.0).unsqueeze(1)
+    count_column = count.unsqueeze(1)
+    # count and count-weighted sums in one scatter: column 0 is the count
+    sums = index_sum(torch.cat([count_column, mean * count_column], dim=1), ids, num_contexts)
+    pooled_count = sums[:, 0]
+    pooled_mean = sums[:, 1:] / pooled_count.clamp_min(1.0).unsqueeze(1)
     deviation = mean - pooled_mean.index_select(0, ids)
-    between = (deviation * deviation) * count.unsqueeze(1)
-    pooled_m2 = mean.new_zeros(num_contexts, channels).index_add(0, ids, m2 + between)
+    pooled_m2 = index_sum(torch.addcmul(m2, deviation * deviation, count_column), ids, num_contexts)
     return Moments(pooled_count, pooled_mean, pooled_m2)
+
+
+def index_sum(values: torch.Tensor, ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Sum the rows of ``values`` (E, D) by group ``ids`` (E,): (num_groups, D)."""
+    return values.new_zeros(num_groups, values.shape[1]).index_add_(0, ids, values)
 
 
 def pool_moments_by_weight(moments: Moments, weights: torch.Tensor) -> Moments:
