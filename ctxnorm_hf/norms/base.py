@@ -17,6 +17,7 @@ from ._validation import (
     check_priors,
 )
 from .layout import ChannelLayout
+from .statistics import context_affine, gathered_affine, stats_dtype
 
 
 class NormBase(nn.Module):
@@ -115,6 +116,20 @@ class IdConditionedNorm(NormBase):
 
     def _check_ids(self, context_ids: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
         return check_context_ids(context_ids, batch_size, self.num_contexts, type(self).__name__)
+
+    def _normalize_with(
+        self, x: torch.Tensor, context_ids: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor
+    ) -> torch.Tensor:
+        """gamma_k * (x - mean_k) * inv_std_k / sqrt(lambda_k) + beta_k for given (K, C) statistics.
+
+        Statistics and the affine map are computed in float32 (float64 for
+        float64 inputs) whatever the autocast state; the output has x's dtype.
+        """
+        dtype = stats_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            scale, shift = context_affine(mean.to(dtype), inv_std.to(dtype), self._gain(dtype), self._shift(dtype))
+            y3 = gathered_affine(self.layout.view3d(x), context_ids, scale, shift, self.layout)
+        return y3.to(x.dtype).reshape(x.shape)
 
     def _gain(self, dtype: torch.dtype) -> torch.Tensor:
         """gamma_k / sqrt(lambda_k) as (K, C) in ``dtype``: the factor in front of the normalised input."""

@@ -17,6 +17,7 @@ from ._validation import PriorsLike
 from .base import IdConditionedNorm
 from .layout import ChannelLayout
 from .statistics import (
+    context_affine,
     gathered_affine,
     index_sum,
     pool_moments_by_id,
@@ -60,8 +61,7 @@ class _ContextBatchNormFunction(torch.autograd.Function):
             mean = torch.where(from_batch, pooled.mean, running_mean)
             var = torch.where(from_batch, pooled.variance(), running_var)
             inv_std = torch.rsqrt(var + eps)
-            context_scale = inv_std * gain
-            context_shift = -mean * context_scale if bias is None else bias - mean * context_scale
+            context_scale, context_shift = context_affine(mean, inv_std, gain, bias)
             # y = x * scale_k + shift_k with x = values * row_scale + row_offset, written in the buffer of values
             scale = context_scale.index_select(0, context_ids)
             shift = torch.addcmul(context_shift.index_select(0, context_ids), rows.row_offset, scale)
@@ -179,14 +179,9 @@ class ContextNorm(IdConditionedNorm):
     def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x3 = self._view3d(x)
         context_ids = self._check_ids(context_ids, x.shape[0])
-        dtype = stats_dtype(x.dtype)
         if not self.training:
-            inv_std = torch.rsqrt(self.running_var.to(dtype) + self.eps)
-            scale = inv_std * self._gain(dtype)
-            shift = -self.running_mean.to(dtype) * scale
-            if self.bias is not None:
-                shift = shift + self._shift(dtype)
-            return gathered_affine(x3, context_ids, scale, shift, self.layout).to(x.dtype).reshape(x.shape)
+            return self._normalize_with(x, context_ids, self.running_mean, torch.rsqrt(self.running_var + self.eps))
+        dtype = stats_dtype(x.dtype)
 
         y3, count, batch_mean, batch_var = _ContextBatchNormFunction.apply(
             x3,
@@ -201,10 +196,9 @@ class ContextNorm(IdConditionedNorm):
         self._update_running_stats(count, batch_mean, batch_var)
         return y3.reshape(x.shape)
 
-    @torch.no_grad()
     def _update_running_stats(self, count: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         update_running_stats_(
-            self.running_mean, self.running_var, self.num_batches_tracked, self.momentum, count, mean, unbiased_var
+            self.num_batches_tracked, self.momentum, count, [(self.running_mean, mean), (self.running_var, unbiased_var)]
         )
 
     def extra_repr(self) -> str:

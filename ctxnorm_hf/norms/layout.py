@@ -103,3 +103,8 @@ class ChannelLayout:
         if self.channels_last:
             return x3.reshape(-1, x3.shape[-1])
         return x3.transpose(1, 2).reshape(-1, x3.shape[1])
+
+    def from_position_vectors(self, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Inverse of :meth:`position_vectors`: (N * M, C) -> the 3-D view."""
+        as_channels_last = rows.view(batch_size, -1, rows.shape[-1])
+        return as_channels_last if self.channels_last else as_channels_last.transpose(1, 2)

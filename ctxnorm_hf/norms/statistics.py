@@ -10,7 +10,7 @@ input whatever the number of contexts K, and inputs with a large offset
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -173,13 +173,10 @@ def pool_moments_by_weight(moments: Moments, weights: torch.Tensor) -> Moments:
 
 @torch.no_grad()
 def update_running_stats_(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
     num_batches_tracked: torch.Tensor,
     momentum: Optional[float],
     count: torch.Tensor,
-    batch_mean: torch.Tensor,
-    batch_unbiased_var: torch.Tensor,
+    updates: Sequence[Tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
     """Exponential moving average of per-context statistics, in place, BatchNorm semantics.
 
@@ -187,19 +184,19 @@ def update_running_stats_(
     are updated; the others keep their statistics bit for bit.
 
     Args:
-        running_mean, running_var: (K, C) buffers. num_batches_tracked: (K,) int64 buffer.
+        num_batches_tracked: (K,) int64 buffer, incremented for updated contexts.
         momentum: as in nn.BatchNorm; ``None`` gives the cumulative average.
-        batch_mean, batch_unbiased_var: (K, C).
+        updates: (running buffer, batch value) pairs, each of shape (K, ...).
     """
-    updated = count > 1
+    updated = count.detach() > 1
     num_batches_tracked.add_(updated.long())
-    if momentum is None:
-        rate = 1.0 / num_batches_tracked.clamp_min(1).to(running_mean.dtype)
-    else:
-        rate = torch.full(updated.shape, float(momentum), dtype=running_mean.dtype, device=updated.device)
-    rate = (rate * updated).unsqueeze(1)
-    running_mean.lerp_(batch_mean.to(running_mean.dtype), rate)
-    running_var.lerp_(batch_unbiased_var.to(running_var.dtype), rate)
+    for running, batch in updates:
+        if momentum is None:
+            rate = 1.0 / num_batches_tracked.clamp_min(1).to(running.dtype)
+        else:
+            rate = torch.full(updated.shape, float(momentum), dtype=running.dtype, device=running.device)
+        rate = (rate * updated).view(-1, *([1] * (running.dim() - 1)))
+        running.lerp_(batch.detach().to(running.dtype), rate)
 
 
 def diagonal_gaussian_log_joint(
@@ -239,6 +236,15 @@ def mixture_affine(
             :func:`diagonal_gaussian_log_joint`). scale, shift: (K, C).
     """
     return x3 * layout.unproject(weights3, scale) + layout.unproject(weights3, shift)
+
+
+def context_affine(
+    mean: torch.Tensor, inv_std: torch.Tensor, gain: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fold (x - mu_k) * inv_std_k * gain_k + beta_k into x * scale_k + shift_k; all (K, C)."""
+    scale = inv_std * gain
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
 
 
 def gathered_affine(
