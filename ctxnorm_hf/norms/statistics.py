@@ -130,13 +130,16 @@ def pool_moments_by_id(moments: Moments, ids: torch.Tensor, num_contexts: int) -
     """
     count, mean, m2 = moments
     count_column = count.unsqueeze(1)
-    # count and count-weighted sums in one scatter: column 0 is the count
-    sums = index_sum(torch.cat([count_column, mean * count_column], dim=1), ids, num_contexts)
+    # Means are pooled as offsets from the first entry, which keeps their precision for offset data.
+    reference = mean[:1].detach()
+    offset = mean - reference
+    # count and count-weighted offsets in one scatter: column 0 is the count
+    sums = index_sum(torch.cat([count_column, offset * count_column], dim=1), ids, num_contexts)
     pooled_count = sums[:, 0]
-    pooled_mean = sums[:, 1:] / pooled_count.clamp_min(1.0).unsqueeze(1)
-    deviation = mean - pooled_mean.index_select(0, ids)
+    pooled_offset = sums[:, 1:] / pooled_count.clamp_min(1.0).unsqueeze(1)
+    deviation = offset - pooled_offset.index_select(0, ids)
     pooled_m2 = index_sum(torch.addcmul(m2, deviation * deviation, count_column), ids, num_contexts)
-    return Moments(pooled_count, pooled_mean, pooled_m2)
+    return Moments(pooled_count, reference + pooled_offset, pooled_m2)
 
 
 def index_sum(values: torch.Tensor, ids: torch.Tensor, num_groups: int) -> torch.Tensor:
