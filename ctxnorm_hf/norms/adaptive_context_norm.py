@@ -11,7 +11,7 @@ backpropagation (no EM), and train and eval modes compute the same thing.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -96,19 +96,29 @@ class AdaptiveContextNorm(NormBase):
         shape[self.channel_dim] = self.num_contexts
         return posterior3.reshape(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _component_affine(self, dtype: torch.dtype, normalise: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Component k's map as x * scale_k + shift_k, both (K, C).
+
+        normalise=True: gamma_k (x - mu_k) / sqrt((var_k + eps) lambda_k) + beta_k;
+        normalise=False (input already standardised): gamma_k x / sqrt(lambda_k) + beta_k.
+        """
+        gain = torch.exp(-0.5 * self.prior_logits.to(dtype).log_softmax(0)).unsqueeze(1)
+        if self.weight is not None:
+            gain = gain * self.weight.to(dtype)
+        gain = gain.expand(self.num_contexts, self.num_features)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if not normalise:
+            return gain, torch.zeros_like(gain) if bias is None else bias
+        return context_affine(self.mean.to(dtype), inverse_std(self.log_var.to(dtype), self.eps), gain, bias)
+
+    def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalise x; ``context_ids`` is ignored (this layer infers its contexts) and accepted for a uniform call."""
         x3 = self._view3d(x)
         dtype = stats_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             x3 = x3.to(dtype)
             posterior3 = self._log_posterior3(x3).exp()
-            # gamma_k / sqrt(lambda_k)
-            gain = torch.exp(-0.5 * self.prior_logits.to(dtype).log_softmax(0)).unsqueeze(1)
-            if self.weight is not None:
-                gain = gain * self.weight.to(dtype)
-            bias = None if self.bias is None else self.bias.to(dtype)
-            inv_std = inverse_std(self.log_var.to(dtype), self.eps)
-            scale, shift = context_affine(self.mean.to(dtype), inv_std, gain, bias)
+            scale, shift = self._component_affine(dtype)
             y3 = mixture_affine(x3, posterior3, scale, shift, self.layout)
         return y3.to(x.dtype).reshape(x.shape)
 

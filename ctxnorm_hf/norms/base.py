@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from ._validation import (
     check_num_features,
     check_priors,
 )
+from ..routing import ContextRouter
 from .layout import ChannelLayout
 from .statistics import context_affine, gathered_affine, stats_dtype
 
@@ -82,8 +83,11 @@ class IdConditionedNorm(NormBase):
     """A layer told the context of every sample (CN, CN-X): per-context affine and fixed priors.
 
     lambda_k lives in the buffer ``priors`` (K,); it is not folded into
-    ``weight`` so that priors can be set from a context source later.
+    ``weight`` so that priors can be set from a context source later. Ids
+    come from the call, or else from ``router`` (set by convert_norms).
     """
+
+    router: Optional[ContextRouter] = None
 
     def __init__(
         self,
@@ -114,8 +118,12 @@ class IdConditionedNorm(NormBase):
         with torch.no_grad():
             self.priors.copy_(check_priors(priors, self.num_contexts))
 
-    def _check_ids(self, context_ids: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
-        return check_context_ids(context_ids, batch_size, self.num_contexts, type(self).__name__)
+    def _check_ids(self, x: torch.Tensor, context_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        batch_size = x.shape[0]
+        if context_ids is None and self.router is not None:
+            context_ids = self.router.ids_for(batch_size)
+        ids = check_context_ids(context_ids, batch_size, self.num_contexts, type(self).__name__)
+        return ids.to(x.device)
 
     def _normalize_with(
         self, x: torch.Tensor, context_ids: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor
@@ -137,6 +145,16 @@ class IdConditionedNorm(NormBase):
         if self.weight is None:
             return inv_sqrt_prior.expand(self.num_contexts, self.num_features)
         return self.weight.to(dtype) * inv_sqrt_prior
+
+    def context_state(self, context: int) -> Dict[str, torch.Tensor]:
+        """The plain normalization this layer applies to context k: weight, bias (C,) and, for
+        layers with per-context statistics, running_mean and running_var (C,)."""
+        if not 0 <= context < self.num_contexts:
+            raise ValueError(f"context must be in [0, {self.num_contexts}), got {context}.")
+        with torch.no_grad():
+            gain = self._gain(self.priors.dtype)[context]
+            bias = torch.zeros_like(gain) if self.bias is None else self.bias[context]
+            return {"weight": gain.detach().clone(), "bias": bias.detach().clone()}
 
     def _shift(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         return None if self.bias is None else self.bias.to(dtype)

@@ -9,7 +9,7 @@ non-channel positions. With K = 1 and lambda = 1 this is nn.BatchNorm.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -178,7 +178,7 @@ class ContextNorm(IdConditionedNorm):
 
     def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x3 = self._view3d(x)
-        context_ids = self._check_ids(context_ids, x.shape[0])
+        context_ids = self._check_ids(x, context_ids)
         if not self.training:
             return self._normalize_with(x, context_ids, self.running_mean, torch.rsqrt(self.running_var + self.eps))
         dtype = stats_dtype(x.dtype)
@@ -200,6 +200,12 @@ class ContextNorm(IdConditionedNorm):
         update_running_stats_(
             self.num_batches_tracked, self.momentum, count, [(self.running_mean, mean), (self.running_var, unbiased_var)]
         )
+
+    def context_state(self, context: int) -> Dict[str, torch.Tensor]:
+        state = super().context_state(context)
+        state["running_mean"] = self.running_mean[context].clone()
+        state["running_var"] = self.running_var[context].clone()
+        return state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}"

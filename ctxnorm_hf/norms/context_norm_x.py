@@ -8,7 +8,7 @@ computes the same thing in train and eval mode and needs no batch statistics.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -77,5 +77,12 @@ class ContextNormX(IdConditionedNorm):
 
     def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._view3d(x)
-        context_ids = self._check_ids(context_ids, x.shape[0])
+        context_ids = self._check_ids(x, context_ids)
         return self._normalize_with(x, context_ids, self.mean, inverse_std(self.log_var, self.eps))
+
+    def context_state(self, context: int) -> Dict[str, torch.Tensor]:
+        state = super().context_state(context)
+        with torch.no_grad():
+            state["running_mean"] = self.mean[context].detach().clone()
+            state["running_var"] = self.variance[context].detach().clone()
+        return state

@@ -142,7 +142,8 @@ class MixtureNorm(NormBase):
         uniform = torch.full((self.num_contexts,), -math.log(self.num_contexts), dtype=dtype, device=points.device)
         return points[picks].clone(), log_var.expand(self.num_contexts, -1).clone(), uniform
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalise x; ``context_ids`` is ignored (this layer infers its contexts) and accepted for a uniform call."""
         x3 = self._view3d(x)
         dtype = stats_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):

@@ -78,7 +78,8 @@ class ModeNorm(NormBase):
         weight, bias = self.gate.weight.to(sample_mean.dtype), self.gate.bias.to(sample_mean.dtype)
         return nn.functional.linear(sample_mean, weight, bias).softmax(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalise x; ``context_ids`` is ignored (this layer infers its contexts) and accepted for a uniform call."""
         x3 = self._view3d(x)
         dtype = stats_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
