@@ -220,6 +220,7 @@ def _replacement(module: nn.Module, site: NormSite, spec: ConversionSpec) -> Uni
     parameter = next(module.parameters(), None)
     if parameter is not None:
         layer = layer.to(device=parameter.device, dtype=parameter.dtype if parameter.is_floating_point() else None)
+    layer.train(module.training)
     mode = "batch_norm" if site.kind == "batch" else f"layer_norm_{spec.layer_norm}"
     setattr(layer, ORIGIN_ATTRIBUTE, OriginalNorm.of(module, mode))
     return layer

@@ -88,12 +88,14 @@ def standardize_rows(x3: torch.Tensor, layout: ChannelLayout) -> StandardizedRow
     batch, positions = x3.shape[0], layout.positions(x3)
     # A tiny eps keeps constant rows finite (values 0) while leaving the variance recoverable.
     tiny = torch.finfo(x3.dtype).tiny ** 0.5
-    values, mean, inv_std = torch.native_layer_norm(x3.reshape(-1, positions), [positions], None, None, tiny)
+    # Normalising the last dim of (N, C, M) gives a fresh (N, C, M) tensor, not a view: the CN
+    # autograd function returns it, and outputs that are views would forbid in-place activations.
+    values, mean, inv_std = torch.native_layer_norm(x3, [positions], None, None, tiny)
     row_scale = inv_std.reciprocal().view(batch, -1)
     m2 = (row_scale.square() - tiny).clamp_min(0.0) * positions
     count = torch.full((batch,), float(positions), dtype=x3.dtype, device=x3.device)
     mean = mean.view(batch, -1)
-    return StandardizedRows(values.view_as(x3), mean, row_scale, Moments(count, mean, m2))
+    return StandardizedRows(values, mean, row_scale, Moments(count, mean, m2))
 
 
 def sample_gradient_sums(
