@@ -51,6 +51,7 @@ class ConversionSpec:
     layer_norm: str = "token"
     eps: Optional[float] = None
     momentum: Optional[float] = 0.1
+    sync_stats: bool = False
     acn_mean_perturbation: float = 1e-3
 
 
@@ -128,6 +129,7 @@ def _build_cn(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Modu
             momentum=momentum,
             priors=spec.priors,
             channel_dim=site.channel_dim,
+            sync_stats=spec.sync_stats,
         )
         if _with_statistics(site):
             with torch.no_grad():
@@ -236,7 +238,13 @@ def _matches(name: str, pattern: ModuleFilter) -> bool:
 
 
 def _check_spec(
-    strategy: str, num_contexts: int, priors: PriorsLike, layer_norm: str, eps: Optional[float], momentum: Optional[float]
+    strategy: str,
+    num_contexts: int,
+    priors: PriorsLike,
+    layer_norm: str,
+    eps: Optional[float],
+    momentum: Optional[float],
+    sync_stats: bool,
 ) -> ConversionSpec:
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
@@ -245,7 +253,7 @@ def _check_spec(
         raise ValueError(f"layer_norm must be 'token' (function preserving) or 'batch' (the paper's), got {layer_norm!r}.")
     if eps is not None and not eps > 0:
         raise ValueError(f"eps must be > 0 or None (keep each layer's own), got {eps!r}.")
-    return ConversionSpec(strategy, num_contexts, check_priors(priors, num_contexts), layer_norm, eps, momentum)
+    return ConversionSpec(strategy, num_contexts, check_priors(priors, num_contexts), layer_norm, eps, momentum, sync_stats)
 
 
 def convert_norms(
@@ -259,6 +267,7 @@ def convert_norms(
     layer_norm: str = "token",
     eps: Optional[float] = None,
     momentum: Optional[float] = 0.1,
+    sync_stats: bool = False,
 ) -> nn.Module:
     """Replace the normalization layers of ``model`` by context layers, in place; returns ``model``.
 
@@ -275,6 +284,8 @@ def convert_norms(
             x tokens, as in the paper's ViT trained from scratch).
         eps: overrides every layer's eps; by default each keeps its own.
         momentum: running-statistics momentum for sites that have none of their own.
+        sync_stats: CN layers use the statistics of the global batch when torch.distributed runs
+            more than one rank (see ctxnorm_hf.distributed; switch later with set_sync_stats).
 
     Converted layers start as the original: BatchNorm running statistics are copied into every
     context and sqrt(lambda_k) is folded into gamma_k, so eval outputs are unchanged for every
@@ -289,7 +300,7 @@ def convert_norms(
             "This model is already converted (it has context routing). Convert the original model, "
             "or use export_context(model, k) to get a plain model back."
         )
-    spec = _check_spec(strategy, num_contexts, priors, layer_norm, eps, momentum)
+    spec = _check_spec(strategy, num_contexts, priors, layer_norm, eps, momentum, sync_stats)
     report = ConversionReport(strategy, num_contexts, layer_norm)
     plan: List[Tuple[str, nn.Module]] = []
     found: Counter = Counter()

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..distributed import all_gather_moments, all_reduce_sum, is_distributed
 from ._validation import PriorsLike
 from .base import IdConditionedNorm
 from .layout import ChannelLayout
@@ -53,10 +54,13 @@ class _ContextBatchNormFunction(torch.autograd.Function):
         running_var: torch.Tensor,
         eps: float,
         layout: ChannelLayout,
+        group: Optional[Any],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(x3.device.type, enabled=False):
             rows = standardize_rows(x3, layout)
             pooled = pool_moments_by_id(rows.moments, context_ids, gain.shape[0])
+            if group is not None:
+                pooled = all_gather_moments(pooled, group)
             from_batch = (pooled.count > 1).unsqueeze(1)
             mean = torch.where(from_batch, pooled.mean, running_mean)
             var = torch.where(from_batch, pooled.variance(), running_var)
@@ -67,6 +71,7 @@ class _ContextBatchNormFunction(torch.autograd.Function):
             shift = torch.addcmul(context_shift.index_select(0, context_ids), rows.row_offset, scale)
             y3 = rows.values.mul_(layout.expand(scale * rows.row_scale)).add_(layout.expand(shift))
         ctx.layout = layout
+        ctx.group = group
         ctx.has_bias = bias is not None
         # The statistics outputs get no gradient; materialising zeros for them would cost time.
         ctx.set_materialize_grads(False)
@@ -79,7 +84,7 @@ class _ContextBatchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_y3: Optional[torch.Tensor], *_: Any) -> Tuple[Optional[torch.Tensor], ...]:
         if grad_y3 is None:
-            return (None,) * 8
+            return (None,) * 9
         x3, context_ids, gain, count, sample_mean, mean, inv_std = ctx.saved_tensors
         layout: ChannelLayout = ctx.layout
         with torch.autocast(x3.device.type, enabled=False):
@@ -90,9 +95,11 @@ class _ContextBatchNormFunction(torch.autograd.Function):
             sample_grad_dot = torch.addcmul(
                 sample_grad_dot, sample_mean - mean.index_select(0, context_ids), sample_grad_sum
             )
-            grad_sum, grad_dot = index_sum(
-                torch.cat([sample_grad_sum, sample_grad_dot], dim=1), context_ids, mean.shape[0]
-            ).chunk(2, dim=1)
+            local_grads = index_sum(torch.cat([sample_grad_sum, sample_grad_dot], dim=1), context_ids, mean.shape[0])
+            # Parameter gradients stay local (DDP averages them); the input gradient needs the global sums.
+            local_grad_sum, local_grad_dot = local_grads.chunk(2, dim=1)
+            global_grads = local_grads if ctx.group is None else all_reduce_sum(local_grads.clone(), ctx.group)
+            grad_sum, grad_dot = global_grads.chunk(2, dim=1)
 
             # Contexts normalised with running statistics get no gradient through mu_k, var_k.
             inv_count = (torch.where(count > 1, count, torch.inf).reciprocal()).unsqueeze(1)
@@ -105,8 +112,9 @@ class _ContextBatchNormFunction(torch.autograd.Function):
         return (
             grad_x3.to(grad_y3.dtype) if ctx.needs_input_grad[0] else None,
             None,
-            inv_std * grad_dot if ctx.needs_input_grad[2] else None,
-            grad_sum if ctx.has_bias and ctx.needs_input_grad[3] else None,
+            inv_std * local_grad_dot if ctx.needs_input_grad[2] else None,
+            local_grad_sum if ctx.has_bias and ctx.needs_input_grad[3] else None,
+            None,
             None,
             None,
             None,
@@ -125,6 +133,9 @@ class ContextNorm(IdConditionedNorm):
         affine: learn per-context gamma_k, beta_k, parameters ``weight`` and ``bias`` of shape (K, C).
         priors: lambda_k, shape (K,), positive, summing to 1; uniform by default.
         channel_dim: 1 for (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W); -1 for (N, ..., C).
+        sync_stats: in training, use the statistics of the global batch when torch.distributed
+            runs more than one rank (all-gather of K x (1 + 2C) numbers per layer and step).
+        process_group: the group to synchronise over (default: the world).
 
     Shape:
         x: as above; context_ids: (N,) integers in [0, K). Output: shape of x.
@@ -146,6 +157,8 @@ class ContextNorm(IdConditionedNorm):
         affine: bool = True,
         priors: PriorsLike = None,
         channel_dim: int = 1,
+        sync_stats: bool = False,
+        process_group: Optional[Any] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -159,6 +172,8 @@ class ContextNorm(IdConditionedNorm):
             device=device,
             dtype=dtype,
         )
+        self.sync_stats = sync_stats
+        self.process_group = process_group
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum!r}.")
         self.momentum = momentum
@@ -192,9 +207,16 @@ class ContextNorm(IdConditionedNorm):
             self.running_var,
             self.eps,
             self.layout,
+            self._sync_group(),
         )
         self._update_running_stats(count, batch_mean, batch_var)
         return y3.reshape(x.shape)
+
+    def _sync_group(self) -> Optional[Any]:
+        """The process group to pool statistics over, or None to use the local batch."""
+        if not self.sync_stats or not is_distributed(self.process_group):
+            return None
+        return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
 
     def _update_running_stats(self, count: torch.Tensor, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         update_running_stats_(
@@ -208,4 +230,4 @@ class ContextNorm(IdConditionedNorm):
         return state
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, momentum={self.momentum}"
+        return f"{super().extra_repr()}, momentum={self.momentum}, sync_stats={self.sync_stats}"

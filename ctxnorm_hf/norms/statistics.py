@@ -128,7 +128,7 @@ def pool_moments_by_id(moments: Moments, ids: torch.Tensor, num_contexts: int) -
             (rank, context) pairs when combining across processes).
         ids: (E,) int64 group of every entry.
     Returns:
-        count (K,), mean (K, C), m2 (K, C). Empty groups get count 0, mean 0, m2 0.
+        count (K,), mean (K, C), m2 (K, C). Empty groups get count 0 and m2 0.
     """
     count, mean, m2 = moments
     count_column = count.unsqueeze(1)
