@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +28,8 @@ class ContextSource(ABC):
 
     kind: str = ""
     label_derived: bool = False
+    input_keys: Tuple[str, ...] = ()
+    """Batch keys :meth:`assign` reads, in order of preference (for ContextCollator)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -19,6 +19,7 @@ class DomainContexts(ContextSource):
     """
 
     kind = "domain"
+    input_keys = ("domain",)
 
     def __init__(self, domains: Sequence[str]) -> None:
         super().__init__()
@@ -52,6 +53,8 @@ class DomainContexts(ContextSource):
         self._check_fitted()
         if isinstance(domain, (str, int)):
             return torch.full((num_samples,), self.index(domain), dtype=torch.long)
+        if isinstance(domain, torch.Tensor):
+            domain = domain.tolist()
         return torch.tensor([self.index(d) for d in domain], dtype=torch.long)
 
     def _config(self) -> Dict[str, Any]:

@@ -29,6 +29,7 @@ class KMeansContexts(ContextSource):
     """
 
     kind = "kmeans"
+    input_keys = ("pixel_values", "x", "image", "img")
 
     def __init__(
         self,

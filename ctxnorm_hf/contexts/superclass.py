@@ -63,6 +63,7 @@ class SuperclassContexts(ContextSource):
     """
 
     kind = "superclass"
+    input_keys = ("labels", "label", "fine_label")
     label_derived = True
 
     def __init__(

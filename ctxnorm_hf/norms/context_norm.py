@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..distributed import all_gather_moments, all_reduce_sum, is_distributed
+from .sync import all_gather_moments, all_reduce_sum, is_distributed
 from ._validation import PriorsLike
 from .base import IdConditionedNorm
 from .layout import ChannelLayout
