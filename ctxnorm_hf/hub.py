@@ -289,6 +289,15 @@ def read_ctxnorm_config(folder: PathLike) -> CtxnormConfig:
     return CtxnormConfig.from_json_file(path)
 
 
+def check_saved_folder(folder: Path) -> CtxnormConfig:
+    """The CtxnormConfig of a complete folder written by :func:`save_pretrained`; a clear error otherwise."""
+    config = read_ctxnorm_config(folder)
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is incomplete: it lacks {', '.join(missing)}. Save the model again with save_pretrained.")
+    return config
+
+
 # --- model card --------------------------------------------------------------------------------
 
 
@@ -607,11 +616,7 @@ def from_pretrained(
     """
     hub = HubLocation(revision, token, cache_dir, endpoint)
     folder = resolve_folder(name_or_path, REQUIRED_FILES, (), hub)
-    config = read_ctxnorm_config(folder)
-    for filename in REQUIRED_FILES:
-        if not (folder / filename).is_file():
-            raise ValueError(f"{folder} is incomplete: it has no {filename}. Save the model again with save_pretrained.")
-    model = rebuild(folder, config)
+    model = rebuild(folder, check_saved_folder(folder))
     _load_weights(model, folder / WEIGHTS_NAME)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -654,7 +659,7 @@ def push_folder_to_hub(
     """
     from huggingface_hub import HfApi
 
-    config = read_ctxnorm_config(folder)
+    config = check_saved_folder(Path(folder))
     api = HfApi(endpoint=endpoint, token=token, library_name=LIBRARY_NAME, library_version=library_version())
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None and not revision.startswith("refs/pr/"):

@@ -61,6 +61,8 @@ class BackboneFeatures(Featurizer):
             over all non-channel positions).
         batch_size: samples per forward pass.
         device: where to run the backbone (default: where it is).
+        model_args: for timm models, the keyword arguments of ``timm.create_model`` beyond the
+            name and num_classes (e.g. ``{"in_chans": 1}``), needed to rebuild it when loading.
 
     Saved with its architecture (timm name and arguments, or the transformers config) and weights,
     so a loaded source assigns the same ids without downloading anything.
@@ -68,8 +70,15 @@ class BackboneFeatures(Featurizer):
 
     kind = "backbone"
 
-    def __init__(self, model: nn.Module, batch_size: int = 256, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int = 256,
+        device: Optional[torch.device] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+    ) -> None:
         self.model = model.eval()
+        self.model_args = dict(model_args or {})
         self.batch_size = batch_size
         self.device = device or next(model.parameters()).device
         self.library = "transformers" if hasattr(model, "config") and hasattr(model.config, "to_dict") else "timm"
@@ -97,7 +106,11 @@ class BackboneFeatures(Featurizer):
 
     def config(self) -> Dict[str, Any]:
         if self.library == "timm":
-            architecture = {"name": self.model.default_cfg.get("architecture"), "num_classes": self.model.num_classes}
+            architecture = {
+                "name": self.model.default_cfg.get("architecture"),
+                "num_classes": self.model.num_classes,
+                "model_args": self.model_args,
+            }
         else:
             architecture = {"config": self.model.config.to_dict()}
         return {"kind": self.kind, "library": self.library, "batch_size": self.batch_size, **architecture}
@@ -110,11 +123,20 @@ class BackboneFeatures(Featurizer):
         if config["library"] == "timm":
             import timm
 
-            model = timm.create_model(config["name"], pretrained=False, num_classes=config["num_classes"])
+            model_args = config.get("model_args", {})
+            model = timm.create_model(config["name"], pretrained=False, num_classes=config["num_classes"], **model_args)
         else:
+            model_args = None
             import transformers
 
             model_config = transformers.AutoConfig.for_model(**config["config"])
             model = transformers.AutoModel.from_config(model_config)
-        model.load_state_dict(tensors, strict=True)
-        return cls(model, batch_size=config["batch_size"])
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"The saved backbone weights do not fit {config.get('name', 'the saved architecture')} rebuilt "
+                "from its config; save the source with BackboneFeatures(model, model_args={...}) giving the "
+                f"create_model arguments. ({error})"
+            ) from error
+        return cls(model, batch_size=config["batch_size"], model_args=model_args)

@@ -54,6 +54,7 @@ class KMeansContexts(ContextSource):
         self.minibatch = minibatch
         self.n_init = n_init
         self.centroids: Optional[torch.Tensor] = None
+        self.algorithm: Optional[str] = None
 
     @property
     def num_contexts(self) -> int:
@@ -79,6 +80,7 @@ class KMeansContexts(ContextSource):
         else:
             kmeans = KMeans(self.num_contexts, random_state=self.seed, n_init=self.n_init).fit(array)
         self.centroids = torch.as_tensor(kmeans.cluster_centers_, dtype=torch.float32)
+        self.algorithm = type(kmeans).__name__
         self._set_priors_from_ids(self._nearest(features))
         return self
 
@@ -91,7 +93,13 @@ class KMeansContexts(ContextSource):
         return self._nearest(self.features(data))
 
     def _config(self) -> Dict[str, Any]:
-        return {"features": self.features.config(), "seed": self.seed, "minibatch": self.minibatch, "n_init": self.n_init}
+        return {
+            "features": self.features.config(),
+            "seed": self.seed,
+            "minibatch": self.minibatch,
+            "n_init": self.n_init,
+            "algorithm": self.algorithm,
+        }
 
     def _tensors(self) -> Dict[str, torch.Tensor]:
         backbone = {f"features.{name}": tensor for name, tensor in self.features.tensors().items()}
@@ -103,4 +111,5 @@ class KMeansContexts(ContextSource):
         features = Featurizer.from_saved(config["features"], backbone)
         source = cls(config["num_contexts"], features, config["seed"], config["minibatch"], config["n_init"])
         source.centroids = tensors["centroids"]
+        source.algorithm = config.get("algorithm")
         return source
