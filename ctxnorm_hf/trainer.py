@@ -25,8 +25,8 @@ from transformers.trainer_utils import EvalPrediction
 
 from .contexts import ContextPredictor, ContextSource, SuperclassContexts
 from .data import ContextCollator
-from .norms.base import NormBase
-from .routing import CONTEXT_IDS_KWARG
+from .norms.base import IdConditionedNorm, NormBase
+from .routing import CONTEXT_IDS_KWARG, ROUTER_ATTRIBUTE
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,16 @@ class ContextTrainer(Trainer):
     def _is_transformers_model(self) -> bool:
         return isinstance(self.accelerator.unwrap_model(self.model), PreTrainedModel)
 
+    @property
+    def _routes_contexts(self) -> bool:
+        """The model was converted: its root takes ``context_ids`` (an unconverted baseline does not)."""
+        return hasattr(self.accelerator.unwrap_model(self.model), ROUTER_ATTRIBUTE)
+
+    @property
+    def _uses_context_ids(self) -> bool:
+        """Some layer of the model is told its context (CN, CN-X), so the protocols differ."""
+        return any(isinstance(module, IdConditionedNorm) for module in self.accelerator.unwrap_model(self.model).modules())
+
     # --- columns and loss ----------------------------------------------------------------------
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -97,7 +107,8 @@ class ContextTrainer(Trainer):
     def _model_inputs(self, inputs: Dict[str, Any]) -> Dict[str, Any]:
         """The batch without the columns kept only for the context source (a transformers model rejects them)."""
         self._set_signature_columns_if_needed()
-        return {key: value for key, value in inputs.items() if key in self._model_input_names}
+        accepted = self._model_input_names if self._routes_contexts else self._model_input_names - {CONTEXT_IDS_KWARG}
+        return {key: value for key, value in inputs.items() if key in accepted}
 
     def compute_loss(
         self,
@@ -112,7 +123,8 @@ class ContextTrainer(Trainer):
         labels = inputs.pop("labels", None)
         if labels is None:
             labels = inputs.pop("label")
-        logits = model(_pixels(inputs), context_ids=inputs.get(CONTEXT_IDS_KWARG))
+        routed = {CONTEXT_IDS_KWARG: inputs.get(CONTEXT_IDS_KWARG)} if self._routes_contexts else {}
+        logits = model(_pixels(inputs), **routed)
         loss = nn.functional.cross_entropy(logits, labels)
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -135,11 +147,12 @@ class ContextTrainer(Trainer):
     ) -> Dict[str, float]:
         """Metrics of the model; for label-derived contexts, under both protocols.
 
-        Label-derived source: ``{prefix}_oracle_*`` (ids from labels), ``{prefix}_inferred_accuracy``
-        (ids estimated from the input) and ``{prefix}_accuracy`` = the inferred one.
-        Otherwise the ids come from the input (k-means) or are known (domains): one protocol.
+        Label-derived source and a model told its contexts (CN, CN-X): ``{prefix}_oracle_*`` (ids from
+        labels), ``{prefix}_inferred_accuracy`` (ids estimated from the input) and ``{prefix}_accuracy`` =
+        the inferred one. Otherwise the ids come from the input (k-means), are known (domains) or are
+        not used: one protocol.
         """
-        if not (self.context_source is not None and self.context_source.label_derived):
+        if not (self.context_source is not None and self.context_source.label_derived and self._uses_context_ids):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         oracle = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_oracle")
         inferred = self._inferred_accuracy(eval_dataset if eval_dataset is not None else self.eval_dataset)
