@@ -395,11 +395,19 @@ def write_model_card(folder: PathLike, model_id: Optional[str] = None) -> None:
 # --- save --------------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / torch.compile wrappers."""
-    from accelerate.utils import extract_model_from_parallel
+def _wrapped_attributes() -> Dict[type, str]:
+    """Wrapper class -> the attribute holding the wrapped model."""
+    from torch._dynamo.eval_frame import OptimizedModule
 
-    return extract_model_from_parallel(model)
+    return {OptimizedModule: "_orig_mod", nn.DataParallel: "module", nn.parallel.DistributedDataParallel: "module"}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DDP / DataParallel wrappers."""
+    wrappers = _wrapped_attributes()
+    while type(model) in wrappers:
+        model = getattr(model, wrappers[type(model)])
+    return model
 
 
 def save_pretrained(
@@ -499,7 +507,7 @@ def resolve_folder(name_or_path: PathLike, files: Sequence[str], optional: Seque
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -523,17 +531,19 @@ def resolve_folder(name_or_path: PathLike, files: Sequence[str], optional: Seque
 
     try:
         folder = download(files[0]).parent
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         raise ValueError(
             f"The Hub repo {name_or_path} is not a converted model: it has no {files[0]} "
             "(push one with ctxnorm_hf.push_to_hub or `ctxnorm-hf push`)."
         ) from None
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(f"{name_or_path} is not a local folder and could not be fetched from the Hub: {error}") from None
     for filename in files[1:]:
         download(filename)
     for filename in optional:
         try:
             download(filename)
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:
             pass
     return folder
 
