@@ -2,7 +2,7 @@
 
     ctxnorm-hf convert resnet18 out/resnet18-cn --strategy cn -K 20 --num-classes 100
     ctxnorm-hf convert google/vit-base-patch16-224 out/vit-cnx --strategy cnx --context-source contexts/
-    ctxnorm-hf convert vit_config/ out/vit-acn --strategy acn -K 8 --architecture ViTForImageClassification --random-init
+    ctxnorm-hf convert vit_config/ out/vit-acn --strategy acn -K 8 --architecture ViTForImageClassification
     ctxnorm-hf inspect out/resnet18-cn
     ctxnorm-hf push out/resnet18-cn user/resnet18-cn --private
 
@@ -19,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -95,7 +95,11 @@ def _load_transformers(name: str, args: argparse.Namespace) -> Tuple[nn.Module, 
         config_kwargs["num_labels"] = args.num_classes
     config = transformers.AutoConfig.from_pretrained(name, **config_kwargs)
     architecture = args.architecture or (config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else transformers.MODEL_MAPPING[type(config)]
+    if architecture is None:
+        if type(config) not in transformers.MODEL_MAPPING:
+            raise ValueError(f"{name} names no architecture; pass --architecture (e.g. ViTForImageClassification).")
+        architecture = transformers.MODEL_MAPPING[type(config)].__name__
+    model_class = getattr(transformers, architecture, None)
     if model_class is None:
         raise ValueError(f"transformers has no model class {architecture!r}; pass --architecture with one it has.")
     config.architectures = [model_class.__name__]
@@ -116,10 +120,15 @@ MODEL_SOURCES: Tuple[ModelSource, ...] = (
 def load_model(name: str, args: argparse.Namespace) -> Tuple[nn.Module, Optional[str]]:
     """Build the model ``name`` designates; a clear error when no source recognises it."""
     if (Path(name) / hub.CTXNORM_CONFIG_NAME).is_file():
-        raise ValueError(f"{name} is already a converted model (it has {hub.CTXNORM_CONFIG_NAME}); convert the original.")
+        raise ValueError(
+            f"{name} is already a converted model (it has {hub.CTXNORM_CONFIG_NAME}); convert the original."
+        )
     for source in MODEL_SOURCES:
         if source.matches(name):
-            return source.load(name, args)
+            try:
+                return source.load(name, args)
+            except TypeError as error:  # an argument the model does not take
+                raise ValueError(f"{name} cannot be built with these arguments ({error}); check --model-arg.") from None
     import timm
 
     close = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -145,7 +154,9 @@ def _priors(text: str) -> List[float]:
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.25,0.25, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.5,0.25,0.25, got {text!r}"
+        ) from None
 
 
 def _module_filter(names: Optional[Sequence[str]], regex: Optional[str]) -> Any:
@@ -162,7 +173,9 @@ def run_convert(args: argparse.Namespace) -> int:
     if num_contexts is None:
         raise ValueError("give the number of contexts with -K, or a --context-source to take it from.")
     if source is not None and source.num_contexts != num_contexts:
-        raise ValueError(f"-K {num_contexts} disagrees with the context source, which gives {source.num_contexts} contexts.")
+        raise ValueError(
+            f"-K {num_contexts} disagrees with the context source, which gives {source.num_contexts} contexts."
+        )
     priors = args.priors if args.priors is not None else (source.priors.tolist() if source else None)
     model, base_model = load_model(args.model, args)
     convert_norms(
@@ -200,12 +213,20 @@ def _inspect_lines(config: hub.CtxnormConfig, folder: Path, local: bool, sites: 
         f"contexts K:     {config.num_contexts}",
         f"layer_norm:     {config.layer_norm}",
         "priors:         "
-        + (", ".join(f"{p:.4g}" for p in config.priors) if config.priors is not None else "learned or per layer (in the weights)"),
+        + (
+            ", ".join(f"{p:.4g}" for p in config.priors)
+            if config.priors is not None
+            else "learned or per layer (in the weights)"
+        ),
     ]
-    lines.append(f"converted:      {len(config.converted)} layers ({len(config.left_alone)} norm-like layers left alone)")
+    lines.append(
+        f"converted:      {len(config.converted)} layers ({len(config.left_alone)} norm-like layers left alone)"
+    )
     lines.extend(f"  {line.strip()}" for line in str(config.report()).splitlines()[1:])
     if sites:
-        lines.extend(f"    {name}: {site['original_class']} -> {site['class']}" for name, site in config.converted.items())
+        lines.extend(
+            f"    {name}: {site['original_class']} -> {site['class']}" for name, site in config.converted.items()
+        )
     source = config.context_source
     lines.append(
         "context source: "
@@ -256,7 +277,8 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         create_pr=args.create_pr,
     )
-    print(f"Pushed {config.base_model.get('architecture')} ({config.strategy}, K={config.num_contexts}) to {info.commit_url}")
+    summary = f"{config.base_model.get('architecture')} ({config.strategy}, K={config.num_contexts})"
+    print(f"Pushed {summary} to {info.commit_url}")
     if info.pr_url:
         print(f"Pull request: {info.pr_url}")
     return 0
@@ -281,31 +303,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "model",
-        help="a timm model name (resnet18, vit_tiny_patch16_224.augreg_in21k, hf-hub:timm/...), a folder or "
-        "config.json of a transformers model, or a transformers Hub repo id (google/vit-base-patch16-224)",
+        help="a timm model name (resnet18, vit_tiny_patch16_224.augreg_in21k, hf-hub:timm/...), a transformers "
+        "Hub repo id (google/vit-base-patch16-224) or folder (pretrained weights are loaded unless --random-init), "
+        "or a transformers config.json (random weights)",
     )
     convert.add_argument("output", help="folder to write")
     convert.add_argument("--strategy", choices=STRATEGIES, default="cn", help="context layer (default: cn)")
     convert.add_argument("-K", "--num-contexts", type=int, help="number of contexts (default: the context source's)")
-    convert.add_argument("--priors", type=_priors, help="lambda_k, comma-separated, summing to 1 (default: the "
-                         "context source's shares, else uniform)")
-    convert.add_argument("--layer-norm", choices=LAYER_NORM_MODES, default="token",
-                         help="LayerNorm sites: token (per-token statistics, function preserving; default) or batch")
+    convert.add_argument(
+        "--priors",
+        type=_priors,
+        help="lambda_k, comma-separated, summing to 1 (default: the context source's shares, else uniform)",
+    )
+    convert.add_argument(
+        "--layer-norm",
+        choices=LAYER_NORM_MODES,
+        default="token",
+        help="LayerNorm sites: token (per-token statistics, function preserving; default) or batch",
+    )
     target = convert.add_mutually_exclusive_group()
-    target.add_argument("--target-modules", nargs="+", metavar="NAME", help="convert only these modules (names or name suffixes)")
+    target.add_argument(
+        "--target-modules", nargs="+", metavar="NAME", help="convert only these modules (names or name suffixes)"
+    )
     target.add_argument("--target-regex", metavar="REGEX", help="convert only modules whose full name matches REGEX")
     exclude = convert.add_mutually_exclusive_group()
-    exclude.add_argument("--exclude-modules", nargs="+", metavar="NAME", help="never convert these modules (names or name suffixes)")
+    exclude.add_argument(
+        "--exclude-modules", nargs="+", metavar="NAME", help="never convert these modules (names or name suffixes)"
+    )
     exclude.add_argument("--exclude-regex", metavar="REGEX", help="never convert modules whose full name matches REGEX")
     convert.add_argument("--eps", type=float, help="eps of every converted layer (default: each keeps its own)")
-    convert.add_argument("--momentum", type=float, default=0.1, help="running-statistics momentum of sites that have none (default 0.1)")
-    convert.add_argument("--context-source", metavar="FOLDER", help="a saved context source (ContextSource.save) to store with the model")
-    convert.add_argument("--num-classes", type=int, help="new classifier size (timm num_classes, transformers num_labels)")
-    convert.add_argument("--model-arg", dest="model_args", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                         help="extra timm create_model argument or transformers config field (VALUE is JSON when it parses), repeatable")
-    convert.add_argument("--architecture", help="transformers model class (default: the config's architectures, else the base model)")
-    convert.add_argument("--random-init", action="store_true", help="do not load pretrained weights: build from the config")
-    convert.add_argument("--repo-id", help="Hub repo id the model card's loading snippet uses (default: the output folder)")
+    convert.add_argument(
+        "--momentum", type=float, default=0.1, help="running-statistics momentum of sites that have none (default 0.1)"
+    )
+    convert.add_argument(
+        "--context-source", metavar="FOLDER", help="a saved context source (ContextSource.save) to store with the model"
+    )
+    convert.add_argument(
+        "--num-classes", type=int, help="new classifier size (timm num_classes, transformers num_labels)"
+    )
+    convert.add_argument(
+        "--model-arg",
+        dest="model_args",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm create_model argument or transformers config field (VALUE is JSON when it parses), repeatable",
+    )
+    convert.add_argument(
+        "--architecture", help="transformers model class (default: the config's architectures, else the base model)"
+    )
+    convert.add_argument(
+        "--random-init", action="store_true", help="do not load pretrained weights: build from the config"
+    )
+    convert.add_argument(
+        "--repo-id", help="Hub repo id the model card's loading snippet uses (default: the output folder)"
+    )
     convert.add_argument("--dataset", action="append", default=[], help="model card metadata, repeatable")
     convert.add_argument("--metric", action="append", default=[], help="model card metadata, repeatable")
     convert.add_argument("--license", help="model card metadata")

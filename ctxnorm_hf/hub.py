@@ -233,7 +233,12 @@ class CtxnormConfig:
             priors=_shared_priors(layers.values()),
             converted=converted,
             left_alone=dict(report.skipped),
-            base_model={"library": fmt.library, "architecture": fmt.architecture(model), "name_or_path": base_model},
+            base_model={
+                "library": fmt.library,
+                "architecture": fmt.architecture(model),
+                "name_or_path": base_model,
+                "dtype": _weights_dtype(model),
+            },
             context_source=context_source.to_dict() if context_source is not None else None,
             model_card=model_card,
             ctxnorm_hf_version=library_version(),
@@ -247,7 +252,11 @@ class CtxnormConfig:
         """Read ctxnorm_config.json; keys written by a newer ctxnorm_hf are ignored with a warning."""
         data = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - data.keys())
         if missing:
             raise ValueError(f"{path} is not a valid {CTXNORM_CONFIG_NAME}: it lacks {', '.join(missing)}.")
@@ -268,10 +277,19 @@ class CtxnormConfig:
         return ConversionReport(self.strategy, self.num_contexts, self.layer_norm, converted, dict(self.left_alone))
 
 
+def _weights_dtype(model: nn.Module) -> str:
+    """The floating dtype of the model's parameters ("float32", "bfloat16", ...)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
 def _shared_priors(layers: Any) -> Optional[List[float]]:
+    """The lambda_k all id-conditioned layers share, renormalised in float64 (a bfloat16 buffer's
+    1/3 does not sum to 1), or None."""
     priors = [layer.priors for layer in layers if isinstance(layer, IdConditionedNorm)]
     if priors and all(torch.equal(p, priors[0]) for p in priors):
-        return priors[0].double().cpu().tolist()
+        shared = priors[0].detach().double().cpu()
+        return (shared / shared.sum()).tolist()
     return None
 
 
@@ -294,7 +312,9 @@ def check_saved_folder(folder: Path) -> CtxnormConfig:
     config = read_ctxnorm_config(folder)
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{folder} is incomplete: it lacks {', '.join(missing)}. Save the model again with save_pretrained.")
+        raise ValueError(
+            f"{folder} is incomplete: it lacks {', '.join(missing)}. Save the model again with save_pretrained."
+        )
     return config
 
 
@@ -310,8 +330,8 @@ STRATEGY_TITLES = {
 }
 STRATEGIES_WITH_IDS = {"cn", "cnx"}
 ASSIGN_EXAMPLES = {
-    "superclass": "source.assign(labels)      # oracle ids: they come from the labels",
-    "kmeans": "source.assign(images)      # nearest k-means centroid, from the input alone",
+    "superclass": "source.assign(labels)  # oracle ids: they come from the labels",
+    "kmeans": "source.assign(images)  # nearest k-means centroid, from the input alone",
     "domain": 'source.assign("<domain name>", len(images))',
 }
 
@@ -334,6 +354,12 @@ def _results_table(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return {"columns": columns, "rows": [[_cell(row.get(column, "")) for column in columns] for row in rows]}
 
 
+def _priors_text(config: CtxnormConfig) -> str:
+    if config.priors is not None:
+        return ", ".join(f"{p:.4g}" for p in config.priors)
+    return "learned by every layer" if config.strategy == "acn" else "per layer, in the weights"
+
+
 def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -342,6 +368,11 @@ def render_model_card(config: CtxnormConfig, model_id: str) -> str:
     """The README.md of a saved model: YAML metadata, how to load it, conversion and results."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    if not MODEL_CARD_TEMPLATE.is_file():
+        raise FileNotFoundError(
+            f"The model card template {MODEL_CARD_TEMPLATE} is missing: ctxnorm_hf reads it from the model_cards/ "
+            "folder next to the package; install ctxnorm_hf from its source tree (pip install -e .)."
+        )
     card_info = config.model_card
     base = config.base_model
     card_data = ModelCardData(
@@ -370,7 +401,7 @@ def render_model_card(config: CtxnormConfig, model_id: str) -> str:
         uses_ids=config.strategy in STRATEGIES_WITH_IDS,
         num_contexts=config.num_contexts,
         layer_norm=config.layer_norm,
-        priors=None if config.priors is None else ", ".join(f"{p:.4g}" for p in config.priors),
+        priors=_priors_text(config),
         call=(fmt.example_call if fmt else "model(inputs{context})").format(
             context=", context_ids=ids" if config.strategy in STRATEGIES_WITH_IDS else ""
         ),
@@ -537,7 +568,9 @@ def resolve_folder(name_or_path: PathLike, files: Sequence[str], optional: Seque
             "(push one with ctxnorm_hf.push_to_hub or `ctxnorm-hf push`)."
         ) from None
     except LocalEntryNotFoundError as error:
-        raise FileNotFoundError(f"{name_or_path} is not a local folder and could not be fetched from the Hub: {error}") from None
+        raise FileNotFoundError(
+            f"{name_or_path} is not a local folder and could not be fetched from the Hub: {error}"
+        ) from None
     for filename in files[1:]:
         download(filename)
     for filename in optional:
@@ -616,8 +649,8 @@ def from_pretrained(
 
     Args:
         name_or_path: a local folder, or a Hub repo id ("user/name").
-        device, dtype: where and in which floating dtype to put the model (default: CPU, the
-            dtype the base model is built in, float32 for timm and transformers).
+        device, dtype: where and in which floating dtype to put the model (default: CPU and the
+            dtype of the saved weights).
         revision, token, cache_dir, endpoint: for Hub repos, as in huggingface_hub.hf_hub_download.
 
     The base model is rebuilt from the saved config.json, the saved modules are converted with
@@ -626,9 +659,11 @@ def from_pretrained(
     """
     hub = HubLocation(revision, token, cache_dir, endpoint)
     folder = resolve_folder(name_or_path, REQUIRED_FILES, (), hub)
-    model = rebuild(folder, check_saved_folder(folder))
+    config = check_saved_folder(folder)
+    model = rebuild(folder, config)
     _load_weights(model, folder / WEIGHTS_NAME)
-    return model.to(device=device, dtype=dtype).eval()
+    saved_dtype = getattr(torch, config.base_model.get("dtype", "float32"))
+    return model.to(device=device, dtype=dtype or saved_dtype).eval()
 
 
 def load_context_source(

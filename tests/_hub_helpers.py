@@ -44,7 +44,9 @@ class FakeHub:
     """Run with ``with FakeHub() as hub:``; ``hub.url`` is the endpoint to give huggingface_hub."""
 
     requests: List[RecordedRequest] = field(default_factory=list)
-    repos: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # repo_id -> {"private": ..., "branches": {rev: {path: bytes}}}
+    repos: Dict[str, Dict[str, Any]] = field(
+        default_factory=dict
+    )  # repo_id -> {"private": ..., "branches": {rev: {path: bytes}}}
     commits: int = 0
 
     def __enter__(self) -> "FakeHub":
@@ -139,7 +141,9 @@ class FakeHub:
                     branches[revision][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
             self.commits += 1
             oid = _sha(str(self.commits).encode())
-            return _json(200, {"commitUrl": f"{self.url}/{owner}/{name}/commit/{oid}", "commitOid": oid, "success": True})
+            return _json(
+                200, {"commitUrl": f"{self.url}/{owner}/{name}/commit/{oid}", "commitOid": oid, "success": True}
+            )
         return _json(404, {"error": f"unknown action {action}"})
 
     def _resolve(self, request: RecordedRequest, rest: str) -> Tuple[int, Dict[str, str], bytes]:
@@ -219,8 +223,13 @@ HUB_CASES: Dict[str, HubCase] = {
     "hf_vit": HubCase(
         lambda: transformers.ViTForImageClassification(
             transformers.ViTConfig(
-                image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, num_labels=NUM_CLASSES,
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=NUM_CLASSES,
             )
         ),
         32,

@@ -39,7 +39,12 @@ def _shell(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def _converted_resnet18(folder: Path) -> None:
-    assert main(["convert", "resnet18", str(folder), "--strategy", "cnx", "-K", "3", "--random-init", "--num-classes", "5"]) == 0
+    assert (
+        main(
+            ["convert", "resnet18", str(folder), "--strategy", "cnx", "-K", "3", "--random-init", "--num-classes", "5"]
+        )
+        == 0
+    )
 
 
 def test_help_from_a_shell_and_for_every_command(capsys):
@@ -56,14 +61,35 @@ def test_help_from_a_shell_and_for_every_command(capsys):
 def test_convert_then_inspect_from_a_shell(tmp_path):
     folder = tmp_path / "resnet18-cn"
     result = _shell(
-        "convert", "resnet18", str(folder), "--strategy", "cn", "-K", "3", "--priors", "0.5,0.3,0.2",
-        "--exclude-modules", "layer4.1.bn2", "--random-init", "--num-classes", "7", "--dataset", "cifar100",
+        "convert",
+        "resnet18",
+        str(folder),
+        "--strategy",
+        "cn",
+        "-K",
+        "3",
+        "--priors",
+        "0.5,0.3,0.2",
+        "--exclude-modules",
+        "layer4.1.bn2",
+        "--random-init",
+        "--num-classes",
+        "7",
+        "--dataset",
+        "cifar100",
     )
     assert result.returncode == 0, result.stderr
     assert "19 converted" in result.stdout and f"Saved to {folder}" in result.stdout
-    assert {path.name for path in folder.iterdir()} == {"model.safetensors", "config.json", "ctxnorm_config.json", "README.md"}
+    assert {path.name for path in folder.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "ctxnorm_config.json",
+        "README.md",
+    }
     config = json.loads((folder / "ctxnorm_config.json").read_text())
-    assert (config["strategy"], config["num_contexts"]) == ("cn", 3) and config["priors"] == pytest.approx([0.5, 0.3, 0.2])
+    assert (config["strategy"], config["num_contexts"]) == ("cn", 3) and config["priors"] == pytest.approx(
+        [0.5, 0.3, 0.2]
+    )
     assert "layer4.1.bn2" not in config["converted"] and config["left_alone"] == {"layer4.1.bn2": "in exclude_modules"}
     assert ModelCard.load(folder / "README.md").data.datasets == ["cifar100"]
     model = from_pretrained(folder)
@@ -71,9 +97,17 @@ def test_convert_then_inspect_from_a_shell(tmp_path):
 
     result = _shell("inspect", str(folder))
     assert result.returncode == 0, result.stderr
-    for expected in ("timm resnet18", "strategy:       cn", "contexts K:     3", "priors:         0.5, 0.3, 0.2",
-                     "19 layers (1 norm-like layers left alone)", "BatchNorm2d -> ContextNorm", "context source: none",
-                     "model.safetensors (", "ctxnorm_hf 0.1.0"):
+    for expected in (
+        "timm resnet18",
+        "strategy:       cn",
+        "contexts K:     3",
+        "priors:         0.5, 0.3, 0.2",
+        "19 layers (1 norm-like layers left alone)",
+        "BatchNorm2d -> ContextNorm",
+        "context source: none",
+        "model.safetensors (",
+        "ctxnorm_hf 0.1.0",
+    ):
         assert expected in result.stdout
 
 
@@ -98,11 +132,21 @@ def test_bad_input_in_process(tmp_path, capsys):
     DomainContexts(["a", "b"]).fit({"a": 1, "b": 3}).save(source_dir)
     cases = [
         (["convert", "resnet18", str(tmp_path / "o"), "--random-init"], "give the number of contexts with -K"),
-        (["convert", "resnet18", str(tmp_path / "o"), "-K", "3", "--context-source", str(source_dir)], "-K 3 disagrees"),
-        (["convert", "resnet18", str(tmp_path / "o"), "-K", "2", "--priors", "0.9,0.9", "--random-init"], "priors must sum to 1"),
-        (["convert", "resnet18", str(tmp_path / "o"), "-K", "2", "--context-source", str(tmp_path)], "No context_source.json"),
+        (
+            ["convert", "resnet18", str(tmp_path / "o"), "-K", "3", "--context-source", str(source_dir)],
+            "-K 3 disagrees",
+        ),
+        (
+            ["convert", "resnet18", str(tmp_path / "o"), "-K", "2", "--priors", "0.9,0.9", "--random-init"],
+            "priors must sum to 1",
+        ),
+        (
+            ["convert", "resnet18", str(tmp_path / "o"), "-K", "2", "--context-source", str(tmp_path)],
+            "No context_source.json",
+        ),
         (["push", str(tmp_path), "user/name"], "is not a converted model"),
         (["inspect", str(tmp_path / "no" / "such" / "dir")], "neither a folder nor a Hub repo id"),
+        (["convert", "resnet18", str(tmp_path / "o"), "-K", "2", "--random-init", "--model-arg", "wings=2"], "wings"),
     ]
     for argv, reason in cases:
         assert main(argv) == 1, argv
@@ -123,9 +167,19 @@ def test_convert_a_transformers_config_with_a_context_source(tmp_path, capsys):
     source.save(source_dir)
     out = tmp_path / "vit-cn"
     argv = [
-        "convert", str(config_dir / "config.json"), str(out), "--context-source", str(source_dir),
-        "--architecture", "ViTForImageClassification", "--num-classes", "3", "--model-arg", "hidden_dropout_prob=0.25",
-        "--repo-id", "user/vit-cn",
+        "convert",
+        str(config_dir / "config.json"),
+        str(out),
+        "--context-source",
+        str(source_dir),
+        "--architecture",
+        "ViTForImageClassification",
+        "--num-classes",
+        "3",
+        "--model-arg",
+        "hidden_dropout_prob=0.25",
+        "--repo-id",
+        "user/vit-cn",
     ]
     assert main(argv) == 0
     assert "5 converted" in capsys.readouterr().out
@@ -138,7 +192,30 @@ def test_convert_a_transformers_config_with_a_context_source(tmp_path, capsys):
 
     assert main(["inspect", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["context_source"]["kind"] == "domain" and printed["base_model"]["architecture"] == "ViTForImageClassification"
+    assert (
+        printed["context_source"]["kind"] == "domain"
+        and printed["base_model"]["architecture"] == "ViTForImageClassification"
+    )
+
+
+def test_convert_a_pretrained_transformers_folder_keeps_its_weights(tmp_path, capsys):
+    original = transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=4)
+    ).eval()
+    with torch.no_grad():  # pretrained-looking statistics, so that keeping them is visible
+        for module in original.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    original.save_pretrained(tmp_path / "pretrained")
+    assert main(["convert", str(tmp_path / "pretrained"), str(tmp_path / "cn"), "-K", "2"]) == 0
+    converted = from_pretrained(tmp_path / "cn")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = original(pixel_values=x).logits
+        for k in range(2):
+            got = converted(pixel_values=x, context_ids=torch.full((3,), k)).logits
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_push_from_a_shell_uploads_the_folder(tmp_path):
@@ -146,8 +223,17 @@ def test_push_from_a_shell_uploads_the_folder(tmp_path):
     _converted_resnet18(folder)
     with FakeHub() as hub:
         result = _shell(
-            "push", str(folder), "me/resnet18-cnx", "--private", "--revision", "v1", "--commit-message", "first",
-            "--token", "hf_cli_token", env={"HF_ENDPOINT": hub.url},
+            "push",
+            str(folder),
+            "me/resnet18-cnx",
+            "--private",
+            "--revision",
+            "v1",
+            "--commit-message",
+            "first",
+            "--token",
+            "hf_cli_token",
+            env={"HF_ENDPOINT": hub.url},
         )
         assert result.returncode == 0, result.stderr
         assert f"{hub.url}/me/resnet18-cnx/commit/" in result.stdout

@@ -96,9 +96,16 @@ def test_folder_holds_weights_base_config_ctxnorm_config_and_card_for_timm(tmp_p
     assert config["ctxnorm_hf_version"] == ctxnorm_hf.__version__
     assert (config["strategy"], config["num_contexts"], config["layer_norm"]) == ("cn", K, "token")
     assert config["priors"] == pytest.approx([0.5, 0.3, 0.2])
-    assert config["base_model"] == {"library": "timm", "architecture": "vit_tiny_patch16_224", "name_or_path": None}
+    assert config["base_model"] == {
+        "library": "timm",
+        "architecture": "vit_tiny_patch16_224",
+        "name_or_path": None,
+        "dtype": "float32",
+    }
     report = model.ctxnorm_conversion
-    assert {name: (site["original_class"], site["class"]) for name, site in config["converted"].items()} == report.converted
+    assert {
+        name: (site["original_class"], site["class"]) for name, site in config["converted"].items()
+    } == report.converted
     assert config["converted"]["norm"] == {
         "original_class": "timm.layers.norm.LayerNorm",
         "class": "ContextLayerNorm",
@@ -114,7 +121,10 @@ def test_transformers_folder_holds_its_own_config(tmp_path):
     assert base["architectures"] == ["ResNetForImageClassification"]
     assert base["model_type"] == "resnet" and len(base["id2label"]) == NUM_CLASSES
     assert json.loads((tmp_path / "ctxnorm_config.json").read_text())["base_model"]["library"] == "transformers"
-    assert {path.name for path in tmp_path.iterdir()} == SAVED_FILES - {"context_source.json", "context_source.safetensors"}
+    assert {path.name for path in tmp_path.iterdir()} == SAVED_FILES - {
+        "context_source.json",
+        "context_source.safetensors",
+    }
 
 
 def test_model_card_has_metadata_loading_snippet_and_results(tmp_path):
@@ -128,13 +138,18 @@ def test_model_card_has_metadata_loading_snippet_and_results(tmp_path):
         datasets=["cifar100"],
         metrics=["accuracy"],
         license="apache-2.0",
-        results=[{"protocol": "oracle ids", "accuracy": 0.912}, {"protocol": "inferred ids", "accuracy": torch.tensor(0.85)}],
+        results=[
+            {"protocol": "oracle ids", "accuracy": 0.912},
+            {"protocol": "inferred ids", "accuracy": torch.tensor(0.85)},
+        ],
     )
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "ctxnorm_hf"
     assert {"ctxnorm_hf", "cn", "timm"} <= set(card.data.tags)
     assert card.data.base_model == "timm/resnet18.a1_in1k"
-    assert card.data.datasets == ["cifar100"] and card.data.metrics == ["accuracy"] and card.data.license == "apache-2.0"
+    assert (
+        card.data.datasets == ["cifar100"] and card.data.metrics == ["accuracy"] and card.data.license == "apache-2.0"
+    )
     assert 'model = from_pretrained("user/resnet18-cn")' in card.text
     assert 'source = load_context_source("user/resnet18-cn")' in card.text
     assert "outputs = model(images, context_ids=ids)" in card.text
@@ -277,6 +292,11 @@ def test_device_dtype_wrappers_and_random_state(tmp_path):
     got = _eval_outputs(case, loaded, x.double())
     torch.testing.assert_close([g.float() for g in got], expected, rtol=1e-4, atol=1e-5)
 
+    save_pretrained(model.to(torch.bfloat16), tmp_path / "bf16")  # by default a model loads in its saved dtype
+    loaded = from_pretrained(tmp_path / "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    torch.testing.assert_close(_eval_outputs(case, loaded, x.bfloat16()), _eval_outputs(case, model, x.bfloat16()))
+
 
 def test_push_to_hub_sends_the_saved_folder_and_reloads_from_it(tmp_path, monkeypatch):
     refused = loopback_only(monkeypatch)
@@ -315,11 +335,16 @@ def test_push_to_hub_sends_the_saved_folder_and_reloads_from_it(tmp_path, monkey
         loaded = from_pretrained("user/name", revision="dev", token="hf_test_token", endpoint=hub.url, cache_dir=cache)
         torch.testing.assert_close(_eval_outputs(case, loaded, x), _eval_outputs(case, model, x))
         loaded_source = load_context_source("user/name", revision="dev", endpoint=hub.url, cache_dir=cache)
-        assert loaded_source.domains == source.domains and torch.equal(loaded_source.assign("svhn", 2), torch.tensor([1, 1]))
+        assert loaded_source.domains == source.domains and torch.equal(
+            loaded_source.assign("svhn", 2), torch.tensor([1, 1])
+        )
 
         # A second push to the default branch of the existing repo, public by default, no source.
         push_to_hub(model, "user/name", token="hf_test_token", endpoint=hub.url)
-        assert set(hub.files("user/name", "main")) == SAVED_FILES - {"context_source.json", "context_source.safetensors"}
+        assert set(hub.files("user/name", "main")) == SAVED_FILES - {
+            "context_source.json",
+            "context_source.safetensors",
+        }
         assert load_context_source("user/name", endpoint=hub.url, cache_dir=cache) is None
         hub.files("user/name", "dev").pop("ctxnorm_config.json")
         with pytest.raises(ValueError, match="Hub repo user/name is not a converted model"):
