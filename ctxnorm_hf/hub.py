@@ -497,8 +497,8 @@ def save_pretrained(
     )
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
+    fmt.save_config(model, folder, model_args)  # first: it rejects arguments it cannot record
     save_model(model, str(folder / WEIGHTS_NAME), metadata={"format": "pt"}, force_contiguous=True)
-    fmt.save_config(model, folder, model_args)
     config.to_json_file(folder / CTXNORM_CONFIG_NAME)
     if context_source is not None:
         context_source.save(folder)

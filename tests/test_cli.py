@@ -38,13 +38,9 @@ def _shell(*args: str, env=None) -> subprocess.CompletedProcess:
     )
 
 
-def _converted_resnet18(folder: Path) -> None:
-    assert (
-        main(
-            ["convert", "resnet18", str(folder), "--strategy", "cnx", "-K", "3", "--random-init", "--num-classes", "5"]
-        )
-        == 0
-    )
+def _converted_test_resnet(folder: Path) -> None:
+    argv = ["convert", "test_resnet", str(folder), "--strategy", "cnx", "-K", "3", "--random-init", "--num-classes", "5"]
+    assert main(argv) == 0
 
 
 def test_help_from_a_shell_and_for_every_command(capsys):
@@ -219,13 +215,13 @@ def test_convert_a_pretrained_transformers_folder_keeps_its_weights(tmp_path, ca
 
 
 def test_push_from_a_shell_uploads_the_folder(tmp_path):
-    folder = tmp_path / "resnet18-cnx"
-    _converted_resnet18(folder)
+    folder = tmp_path / "resnet-cnx"
+    _converted_test_resnet(folder)
     with FakeHub() as hub:
         result = _shell(
             "push",
             str(folder),
-            "me/resnet18-cnx",
+            "me/resnet-cnx",
             "--private",
             "--revision",
             "v1",
@@ -236,13 +232,13 @@ def test_push_from_a_shell_uploads_the_folder(tmp_path):
             env={"HF_ENDPOINT": hub.url},
         )
         assert result.returncode == 0, result.stderr
-        assert f"{hub.url}/me/resnet18-cnx/commit/" in result.stdout
+        assert f"{hub.url}/me/resnet-cnx/commit/" in result.stdout
         payload = hub.find("POST", "/api/repos/create")[0].json()
-        assert payload["name"] == "resnet18-cnx" and (payload.get("visibility") == "private" or payload.get("private"))
+        assert payload["name"] == "resnet-cnx" and (payload.get("visibility") == "private" or payload.get("private"))
         (commit,) = hub.find("POST", "/commit/")
-        assert commit.path == "/api/models/me/resnet18-cnx/commit/v1"
+        assert commit.path == "/api/models/me/resnet-cnx/commit/v1"
         assert commit.ndjson()[0]["value"]["summary"] == "first"
         assert all(r.headers.get("authorization") == "Bearer hf_cli_token" for r in hub.requests)
-        pushed = hub.files("me/resnet18-cnx", "v1")
+        pushed = hub.files("me/resnet-cnx", "v1")
         assert pushed == {path.name: path.read_bytes() for path in folder.iterdir()}
-        assert 'from_pretrained("me/resnet18-cnx")' in pushed["README.md"].decode()  # the card names the repo
+        assert 'from_pretrained("me/resnet-cnx")' in pushed["README.md"].decode()  # the card names the repo

@@ -300,7 +300,7 @@ def test_device_dtype_wrappers_and_random_state(tmp_path):
 
 def test_push_to_hub_sends_the_saved_folder_and_reloads_from_it(tmp_path, monkeypatch):
     refused = loopback_only(monkeypatch)
-    case, model, x = _trained("resnet18", "cn")
+    case, model, x = _trained("hf_resnet", "cn")  # small weights: they travel inline, base64
     source = DomainContexts(["mnist", "svhn", "usps"]).fit({"mnist": 60, "svhn": 70, "usps": 7})
     local = save_pretrained(model, tmp_path / "local", context_source=source, model_id="user/name")
     with FakeHub() as hub:
@@ -310,7 +310,7 @@ def test_push_to_hub_sends_the_saved_folder_and_reloads_from_it(tmp_path, monkey
             private=True,
             token="hf_test_token",
             revision="dev",
-            commit_message="Add CN resnet18",
+            commit_message="Add CN ResNet",
             context_source=source,
             endpoint=hub.url,
         )
@@ -324,7 +324,7 @@ def test_push_to_hub_sends_the_saved_folder_and_reloads_from_it(tmp_path, monkey
         (commit,) = hub.find("POST", "/commit/")
         assert commit.path == "/api/models/user/name/commit/dev"
         header, *operations = commit.ndjson()
-        assert header == {"key": "header", "value": {"summary": "Add CN resnet18", "description": ""}}
+        assert header == {"key": "header", "value": {"summary": "Add CN ResNet", "description": ""}}
         assert {op["value"]["path"] for op in operations} == SAVED_FILES
         assert all(r.headers.get("authorization") == "Bearer hf_test_token" for r in hub.requests)
         assert all("ctxnorm_hf/" in r.headers.get("user-agent", "") for r in hub.requests)
