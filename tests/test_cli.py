@@ -39,7 +39,7 @@ def _shell(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 def _converted_test_resnet(folder: Path) -> None:
-    argv = ["convert", "test_resnet", str(folder), "--strategy", "cnx", "-K", "3", "--random-init", "--num-classes", "5"]
+    argv = ["convert", "test_resnet", str(folder), "--strategy", "cnx", "-K", "3", "--random-init"]
     assert main(argv) == 0
 
 
