@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,9 @@ def _recipe():
     return sys.modules["dcgan_recipe"]
 
 
-def _run(args, out, timeout=120):
+def _run(args, out, timeout=120, launcher=None):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    command = [sys.executable, str(RECIPE), "--output-dir", str(out), *args]
+    command = (launcher or [sys.executable]) + [str(RECIPE), "--output-dir", str(out), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -140,6 +141,16 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     resumed = json.loads((tmp_path / "metrics.json").read_text())["runs"][0]
     assert resumed["history"]["D loss"][:2] == first["history"]["D loss"] and len(resumed["history"]["D loss"]) == 3
     assert resumed["history"]["FD epoch"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_torchrun(tmp_path):
+    torchrun = [shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
+    result = _run(TINY + ["--norms", "mixnorm,acn", "--epochs", "2", "--checkpoint-every", "1"], tmp_path / "out", timeout=300, launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [run["norm"] for run in metrics["runs"]] == ["mixnorm", "acn"]
+    assert all(len(run["history"]["FD"]) == 2 for run in metrics["runs"])
 
 
 def test_a_bad_argument_ends_the_process_with_code_2_and_one_line(tmp_path):
