@@ -2,6 +2,7 @@
 
 from .data import ContextCollator
 from .distributed import set_sync_stats
+from .hub import from_pretrained, load_context_source, push_to_hub, save_pretrained
 from .norms import AdaptiveContextNorm, ContextNorm, ContextNormX, MixtureNorm, ModeNorm
 from .routing import use_contexts
 from .surgery import ConversionReport, convert_norms, export_context
@@ -21,6 +22,10 @@ __all__ = [
     "__version__",
     "convert_norms",
     "export_context",
+    "from_pretrained",
+    "load_context_source",
+    "push_to_hub",
+    "save_pretrained",
     "set_sync_stats",
     "use_contexts",
 ]

@@ -53,7 +53,11 @@ WEIGHTS_NAME = "model.safetensors"
 BASE_CONFIG_NAME = "config.json"
 CTXNORM_CONFIG_NAME = "ctxnorm_config.json"
 MODEL_CARD_NAME = "README.md"
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "ctxnorm_model_card.md"
+MODEL_CARD_FILE = "ctxnorm_model_card.md"
+MODEL_CARD_TEMPLATES = (
+    Path(__file__).resolve().parent.parent / "model_cards" / MODEL_CARD_FILE,  # source tree (pip install -e .)
+    Path(sys.prefix) / "share" / "ctxnorm_hf" / "model_cards" / MODEL_CARD_FILE,  # pyproject's data-files
+)
 LIBRARY_NAME = "ctxnorm_hf"
 REQUIRED_FILES = (CTXNORM_CONFIG_NAME, BASE_CONFIG_NAME, WEIGHTS_NAME)
 CONTEXT_SOURCE_FILES = (CONTEXT_SOURCE_CONFIG_NAME, CONTEXT_SOURCE_TENSORS_NAME)
@@ -170,6 +174,13 @@ class TimmFormat(BaseModelFormat):
 
 BASE_MODEL_FORMATS: Dict[str, BaseModelFormat] = {fmt.library: fmt for fmt in (TransformersFormat(), TimmFormat())}
 """library -> format; the first whose ``matches`` accepts a model saves it. Register new libraries here."""
+
+
+def is_savable(model: nn.Module) -> bool:
+    """Whether :func:`save_pretrained` accepts ``model``: converted, and a timm or transformers model."""
+    model = _unwrap(model)
+    converted = getattr(model, REPORT_ATTRIBUTE, None) is not None and bool(converted_layers(model))
+    return converted and any(fmt.matches(model) for fmt in BASE_MODEL_FORMATS.values())
 
 
 def base_model_format(model: nn.Module) -> BaseModelFormat:
@@ -368,10 +379,11 @@ def render_model_card(config: CtxnormConfig, model_id: str) -> str:
     """The README.md of a saved model: YAML metadata, how to load it, conversion and results."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    if not MODEL_CARD_TEMPLATE.is_file():
+    template = next((path for path in MODEL_CARD_TEMPLATES if path.is_file()), None)
+    if template is None:
         raise FileNotFoundError(
-            f"The model card template {MODEL_CARD_TEMPLATE} is missing: ctxnorm_hf reads it from the model_cards/ "
-            "folder next to the package; install ctxnorm_hf from its source tree (pip install -e .)."
+            f"The model card template is missing (looked in {', '.join(map(str, MODEL_CARD_TEMPLATES))}); "
+            "reinstall ctxnorm_hf (pip install -e . from its source tree)."
         )
     card_info = config.model_card
     base = config.base_model
@@ -391,7 +403,7 @@ def render_model_card(config: CtxnormConfig, model_id: str) -> str:
     source = config.context_source
     card = ModelCard.from_template(
         card_data,
-        template_path=str(MODEL_CARD_TEMPLATE),
+        template_path=str(template),
         model_id=model_id,
         architecture=base["architecture"],
         library=base["library"],

@@ -63,12 +63,26 @@ def build_classifier(name: str, shape: ImageShape, num_classes: int, pretrained:
     """
     if name in BUILT_IN:
         return BUILT_IN[name](shape, num_classes, pretrained)
+    if is_timm_name(name):
+        import timm
+
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_model_args(name, shape))
+    return _transformers_classifier(name, shape, num_classes, pretrained)
+
+
+def is_timm_name(name: str) -> bool:
     import timm
 
-    if timm.is_model(name):
-        kwargs = {"img_size": shape[1]} if "vit" in name or "deit" in name or "levit" in name else {}
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=shape[0], **kwargs)
-    return _transformers_classifier(name, shape, num_classes, pretrained)
+    return name not in BUILT_IN and timm.is_model(name)
+
+
+def timm_model_args(name: str, shape: ImageShape) -> Dict[str, int]:
+    """The ``timm.create_model`` arguments that fit a timm model to images of ``shape``; they are
+    also what ``ctxnorm_hf.save_pretrained(..., model_args=...)`` must record to rebuild it."""
+    args = {"in_chans": shape[0]}
+    if "vit" in name or "deit" in name or "levit" in name:  # position embeddings depend on the image size
+        args["img_size"] = shape[1]
+    return args
 
 
 def _transformers_classifier(name: str, shape: ImageShape, num_classes: int, pretrained: bool) -> nn.Module:

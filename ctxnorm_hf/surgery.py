@@ -18,7 +18,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -104,37 +104,39 @@ def _with_statistics(site: NormSite) -> bool:
     return site.kind == "batch"
 
 
-def _new_layer(cls: type, site: NormSite, *args, **kwargs) -> nn.Module:
-    """Instantiate ``cls``, or its variant that keeps the site's drop and act (timm BatchNormAct2d)."""
-    if site.act is None:
-        return cls(*args, **kwargs)
-    layer = WITH_ACTIVATION[cls](*args, **kwargs)
-    layer.set_activation(site.drop, site.act)
+def _new_layer(cls: type, site: NormSite, spec: ConversionSpec, **options: Any) -> nn.Module:
+    """``cls`` sized for the site (C, K, eps, channel_dim), or its variant keeping the site's drop and act."""
+    cls = cls if site.act is None else WITH_ACTIVATION[cls]
+    layer = cls(site.num_features, spec.num_contexts, eps=spec.eps or site.eps, channel_dim=site.channel_dim, **options)
+    if site.act is not None:
+        layer.set_activation(site.drop, site.act)
     return layer
+
+
+def _momentum(site: NormSite, spec: ConversionSpec) -> Optional[float]:
+    return spec.momentum if site.momentum is None else site.momentum
+
+
+def _log_running_var(site: NormSite) -> torch.Tensor:
+    return site.running_var.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+@torch.no_grad()
+def _copy_running_stats(layer: nn.Module, site: NormSite) -> None:
+    """Every context / component starts with the site's running statistics."""
+    if _with_statistics(site):
+        layer.running_mean.copy_(site.running_mean.expand_as(layer.running_mean))
+        layer.running_var.copy_(site.running_var.expand_as(layer.running_var))
 
 
 def _build_cn(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Module:
     if token_mode:
-        layer = ContextLayerNorm(
-            site.num_features, spec.num_contexts, eps=spec.eps or site.eps, priors=spec.priors, channel_dim=site.channel_dim
-        )
+        layer = _new_layer(ContextLayerNorm, site, spec, priors=spec.priors)
     else:
-        momentum = spec.momentum if site.momentum is None else site.momentum
         layer = _new_layer(
-            ContextNorm,
-            site,
-            site.num_features,
-            spec.num_contexts,
-            eps=spec.eps or site.eps,
-            momentum=momentum,
-            priors=spec.priors,
-            channel_dim=site.channel_dim,
-            sync_stats=spec.sync_stats,
+            ContextNorm, site, spec, momentum=_momentum(site, spec), priors=spec.priors, sync_stats=spec.sync_stats
         )
-        if _with_statistics(site):
-            with torch.no_grad():
-                layer.running_mean.copy_(site.running_mean.expand_as(layer.running_mean))
-                layer.running_var.copy_(site.running_var.expand_as(layer.running_var))
+        _copy_running_stats(layer, site)
     _set_context_affine(layer, site, spec.priors)
     return layer
 
@@ -142,29 +144,18 @@ def _build_cn(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Modu
 def _build_cnx(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Module:
     if token_mode:
         return _build_cn(site, spec, token_mode)
-    layer = _new_layer(
-        ContextNormX,
-        site,
-        site.num_features,
-        spec.num_contexts,
-        eps=spec.eps or site.eps,
-        priors=spec.priors,
-        channel_dim=site.channel_dim,
-    )
+    layer = _new_layer(ContextNormX, site, spec, priors=spec.priors)
     if _with_statistics(site):
         with torch.no_grad():
             layer.mean.copy_(site.running_mean.expand_as(layer.mean))
-            layer.log_var.copy_(site.running_var.clamp_min(torch.finfo(torch.float32).tiny).log().expand_as(layer.log_var))
+            layer.log_var.copy_(_log_running_var(site).expand_as(layer.log_var))
     _set_context_affine(layer, site, spec.priors)
     return layer
 
 
 def _build_acn(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Module:
-    eps = spec.eps or site.eps
-    cls = AdaptiveContextLayerNorm if token_mode else AdaptiveContextNorm
-    layer = _new_layer(cls, site, site.num_features, spec.num_contexts, eps=eps, channel_dim=site.channel_dim)
-    uniform = torch.full((spec.num_contexts,), 1.0 / spec.num_contexts)
-    _set_context_affine(layer, site, uniform)
+    layer = _new_layer(AdaptiveContextLayerNorm if token_mode else AdaptiveContextNorm, site, spec)
+    _set_context_affine(layer, site, torch.full((spec.num_contexts,), 1.0 / spec.num_contexts))
     if _with_statistics(site) and not token_mode:
         # Identical components would get identical gradients forever. A zero-sum perturbation of the
         # means breaks the tie while keeping the output change second order in its size.
@@ -172,30 +163,19 @@ def _build_acn(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Mod
         perturbation = (perturbation - perturbation.mean(0)) * spec.acn_mean_perturbation * site.running_var.sqrt()
         with torch.no_grad():
             layer.mean.copy_(site.running_mean + perturbation)
-            layer.log_var.copy_(site.running_var.clamp_min(torch.finfo(torch.float32).tiny).log().expand_as(layer.log_var))
+            layer.log_var.copy_(_log_running_var(site).expand_as(layer.log_var))
     return layer
 
 
 def _build_mixture_or_mode(cls: type) -> Callable[[NormSite, ConversionSpec, bool], nn.Module]:
     def build(site: NormSite, spec: ConversionSpec, token_mode: bool) -> nn.Module:
-        momentum = spec.momentum if site.momentum is None else site.momentum
-        layer = _new_layer(
-            cls,
-            site,
-            site.num_features,
-            spec.num_contexts,
-            eps=spec.eps or site.eps,
-            momentum=momentum,
-            channel_dim=site.channel_dim,
-        )
+        layer = _new_layer(cls, site, spec, momentum=_momentum(site, spec))
         # MixtureNorm divides by sqrt(lambda_k): with K identical components the sum carries sqrt(K).
         gain_correction = 1.0 / math.sqrt(spec.num_contexts) if cls is MixtureNorm else 1.0
         with torch.no_grad():
             layer.weight.copy_(_site_weight(site) * gain_correction)
             layer.bias.copy_(_site_bias(site))
-            if _with_statistics(site):
-                layer.running_mean.copy_(site.running_mean.expand_as(layer.running_mean))
-                layer.running_var.copy_(site.running_var.expand_as(layer.running_var))
+        _copy_running_stats(layer, site)
         return layer
 
     return build

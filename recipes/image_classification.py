@@ -33,17 +33,18 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from transformers import TrainingArguments
 
-from ctxnorm_hf import ContextTrainer
-from ctxnorm_hf.contexts import BackboneFeatures, ContextSource, KMeansContexts, SuperclassContexts
-from ctxnorm_hf.experiment import WITH_CONTEXT_IDS, apply_norm, check_at_least, parse_norms, parse_seeds, set_seed
+from ctxnorm_hf import ContextTrainer, from_pretrained, load_context_source, push_to_hub, save_pretrained
+from ctxnorm_hf.contexts import BackboneFeatures, ContextPredictor, ContextSource, KMeansContexts, SuperclassContexts
+from ctxnorm_hf.experiment import UNCHANGED, WITH_CONTEXT_IDS, apply_norm, check_at_least, parse_norms, parse_seeds, set_seed
+from ctxnorm_hf.hub import is_savable
 from ctxnorm_hf.image_data import LOADERS, ImageData, load_image_data
-from ctxnorm_hf.models import build_classifier
+from ctxnorm_hf.models import build_classifier, is_timm_name, timm_model_args
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
 
 CONTEXT_KINDS = ("superclass", "kmeans", "kmeans-embed", "none")
@@ -122,6 +123,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if needing_ids:
             parser.error(f"{', '.join(needing_ids)} need context ids: choose --contexts superclass, kmeans or kmeans-embed")
     _check_model(parser, args.model)
+    if args.push_to_hub and args.model == "small_convnet":
+        parser.error("--push-to-hub needs a timm or transformers model (small_convnet is a plain torch module); try --model small_vit or resnet18")
     return args
 
 
@@ -212,28 +215,69 @@ def _history(log_history: List[Dict[str, float]]) -> Dict[str, List[float]]:
     return curves
 
 
-def run_one(norm: str, seed: int, data: ImageData, source: Optional[ContextSource], args: argparse.Namespace) -> RunResult:
-    set_seed(seed)
-    started = time.perf_counter()
+def fit_context_predictor(data: ImageData, source: Optional[ContextSource]) -> Optional[ContextPredictor]:
+    """p(k | x) for the honest protocol of label-derived contexts: fitted once on the training split, shared by all runs."""
+    if source is None or not source.label_derived:
+        return None
+    return ContextPredictor(source.num_contexts).fit(data.train_images, source.assign(data.train_labels))
+
+
+def build_model(norm: str, data: ImageData, source: Optional[ContextSource], args: argparse.Namespace) -> torch.nn.Module:
+    """The classifier of --model with its norm layers replaced as ``norm`` says."""
     num_contexts = source.num_contexts if source is not None else args.num_contexts or DEFAULT_K
     model = build_classifier(args.model, data.image_shape, data.num_classes, pretrained=args.pretrained)
     layer_norm = args.layer_norm if args.layer_norm != "auto" else ("token" if args.pretrained else "batch")
     priors = source.priors if source is not None and norm in WITH_CONTEXT_IDS else None
     sync = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    model = apply_norm(model, norm, num_contexts, priors=priors, layer_norm=layer_norm, sync_stats=sync)
-    run_dir = os.path.join(args.output_dir, "runs", f"{norm}-seed{seed}")
+    return apply_norm(model, norm, num_contexts, priors=priors, layer_norm=layer_norm, sync_stats=sync)
+
+
+def run_dir_of(args: argparse.Namespace, norm: str, seed: int) -> str:
+    return os.path.join(args.output_dir, "runs", f"{norm}-seed{seed}")
+
+
+def save_final(
+    trainer: ContextTrainer, data: ImageData, source: Optional[ContextSource], folder: str, args: argparse.Namespace
+) -> None:
+    """A converted timm / transformers model is saved as ctxnorm_hf.from_pretrained reloads it (with its
+    context source); a baseline, or a plain torch model, as Trainer saves models."""
+    if not is_savable(trainer.model):
+        trainer.save_model(folder)
+        return
+    save_pretrained(trainer.model, folder, context_source=source, **_saving_options(args, data))
+
+
+def _saving_options(args: argparse.Namespace, data: ImageData) -> Dict[str, Any]:
+    """What ctxnorm_hf.save_pretrained needs beyond the model: timm's create_model arguments and card metadata."""
+    model_args = timm_model_args(args.model, data.image_shape) if is_timm_name(args.model) else None
+    return {"model_args": model_args, "datasets": [data.name], "tags": ["image-classification"]}
+
+
+def run_one(
+    norm: str,
+    seed: int,
+    data: ImageData,
+    source: Optional[ContextSource],
+    predictor: Optional[ContextPredictor],
+    args: argparse.Namespace,
+) -> RunResult:
+    set_seed(seed)
+    started = time.perf_counter()
+    model = build_model(norm, data, source, args)
+    run_dir = run_dir_of(args, norm, seed)
     trainer = ContextTrainer(
         model=model,
         args=_training_arguments(args, run_dir, seed),
         train_dataset=TensorImages(data.train_images, data.train_labels),
         eval_dataset=TensorImages(data.test_images, data.test_labels),
         context_source=source,
+        context_predictor=predictor,
     )
     resume = args.resume and any(entry.startswith("checkpoint-") for entry in os.listdir(run_dir)) if os.path.isdir(run_dir) else False
     trainer.train(resume_from_checkpoint=True if resume else None)
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
-        trainer.save_model(os.path.join(run_dir, "final"))
+        save_final(trainer, data, source, os.path.join(run_dir, "final"), args)
     return RunResult(norm, seed, {k: float(v) for k, v in metrics.items()}, _history(trainer.state.log_history), time.perf_counter() - started)
 
 
@@ -309,7 +353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     data = load_data(args, parser)
     source = make_context_source(args, data, parser)
-    results = [run_one(norm, seed, data, source, args) for norm in args.norms for seed in args.seeds]
+    predictor = fit_context_predictor(data, source)
+    results = [run_one(norm, seed, data, source, predictor, args) for norm in args.norms for seed in args.seeds]
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     write_json(
@@ -327,15 +372,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plot_curves(mean_curves(results, args.norms), os.path.join(args.output_dir, "curves.png"), f"{args.model} on {data.name}")
     print(write_report(args, data, source, results))
     if args.push_to_hub:
-        push_best(args, results, source)
+        push_best(args, data, source, results)
     return 0
 
 
-def push_best(args: argparse.Namespace, results: List[RunResult], source: Optional[ContextSource]) -> None:
-    """Push the run with the best honest accuracy, with the comparison in its model card."""
-    from ctxnorm_hf.hub import push_to_hub  # noqa: F401  (wired up in the persistence issue)
-
-    raise NotImplementedError
+def push_best(args: argparse.Namespace, data: ImageData, source: Optional[ContextSource], results: List[RunResult]) -> None:
+    """Push the converted run with the best honest accuracy to the Hub, with the whole comparison
+    (baselines included) as the results table of its model card."""
+    converted = [result for result in results if result.norm not in UNCHANGED]
+    if not converted:
+        print(f"--push-to-hub: every run kept the model's own norms ({', '.join(args.norms)}); nothing converted to push.")
+        return
+    best = max(converted, key=lambda result: result.metrics["eval_accuracy"])
+    folder = os.path.join(run_dir_of(args, best.norm, best.seed), "final")
+    model = from_pretrained(folder)
+    info = push_to_hub(
+        model,
+        args.push_to_hub,
+        context_source=load_context_source(folder),
+        metrics=["accuracy"],
+        results=summarise(results, args.norms, source is not None and source.label_derived),
+        **_saving_options(args, data),
+        commit_message=f"{args.model} with {best.norm} (seed {best.seed}), test accuracy {best.metrics['eval_accuracy']:.4f}",
+    )
+    print(f"pushed {best.norm} (seed {best.seed}) to {info.commit_url}")
 
 
 if __name__ == "__main__":

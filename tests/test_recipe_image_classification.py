@@ -10,6 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctxnorm_hf import from_pretrained, load_context_source
+
+from ._hub_helpers import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "image_classification.py"
@@ -17,9 +23,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "1", "--seeds", "0", "--train-subset", "192", "--test-subset", "96", "--batch-size", "32"]
 
 
-def _run(args, tmp_path, launcher=None, timeout=300):
+def _run(args, tmp_path, launcher=None, timeout=300, env=None):
     command = (launcher or [sys.executable]) + [str(RECIPE), "--output-dir", str(tmp_path / "out"), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -90,6 +96,7 @@ def test_two_gloo_ranks_with_torchrun(tmp_path):
         (["--contexts", "none", "--norms", "cn"], "cn need context ids"),
         (["--dataset", "mnist_full"], "unknown dataset 'mnist_full'"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--push-to-hub", "user/name"], "--push-to-hub needs a timm or transformers model"),
     ],
 )
 def test_bad_arguments_exit_with_a_one_line_reason(args, message, tmp_path):
@@ -97,3 +104,31 @@ def test_bad_arguments_exit_with_a_one_line_reason(args, message, tmp_path):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert message in last and "Traceback" not in result.stderr
+
+
+def test_push_to_hub_sends_the_best_converted_run_with_the_comparison_in_its_card(tmp_path):
+    hub_env = {"HF_TOKEN": "hf_recipe_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with FakeHub() as hub:
+        result = _run(
+            TINY + ["--model", "small_vit", "--norms", "ln,cn", "--push-to-hub", "user/best"],
+            tmp_path,
+            env={**hub_env, "HF_ENDPOINT": hub.url},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        pushed = hub.repos["user/best"]["branches"]["main"]
+    assert all(r.headers.get("authorization") == "Bearer hf_recipe_token" for r in hub.requests)
+    folder = tmp_path / "pushed"
+    folder.mkdir()
+    for name, content in pushed.items():
+        (folder / name).write_bytes(content)
+    config = json.loads((folder / "ctxnorm_config.json").read_text())
+    assert config["strategy"] == "cn" and config["context_source"]["kind"] == "kmeans"
+    card = (folder / "README.md").read_text()
+    assert "| ln |" in card and "| cn |" in card and "user/best" in card
+
+    model = from_pretrained(folder)  # strict: every weight of the trained run is there
+    run_weights = load_file(tmp_path / "out" / "runs" / "cn-seed0" / "final" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, run_weights[name], rtol=0, atol=0)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert json.loads(json.dumps(load_context_source(folder).to_dict())) == metrics["context_source"]
