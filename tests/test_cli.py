@@ -1,4 +1,4 @@
-"""The ctxnorm-hf command line: from a shell (python -m ctxnorm_hf.cli) and in-process (main)."""
+"""The ctxnorm-hf command line: from a shell (the console script pip installs) and in-process (main)."""
 
 import json
 import os
@@ -19,6 +19,7 @@ from ctxnorm_hf.surgery import converted_layers
 from ._hub_helpers import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "ctxnorm-hf"  # [project.scripts] of pyproject.toml
 
 
 def _shell(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def _shell(*args: str, env=None) -> subprocess.CompletedProcess:
         **(env or {}),
     }
     return subprocess.run(
-        [sys.executable, "-m", "ctxnorm_hf.cli", *args],
+        [str(CONSOLE_SCRIPT), *args],
         cwd=REPO_ROOT,
         env=environment,
         capture_output=True,
