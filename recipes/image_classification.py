@@ -275,10 +275,11 @@ def run_one(
     )
     resume = args.resume and any(entry.startswith("checkpoint-") for entry in os.listdir(run_dir)) if os.path.isdir(run_dir) else False
     trainer.train(resume_from_checkpoint=True if resume else None)
+    history = _history(trainer.state.log_history)  # one point per epoch, before the final evaluation adds its own
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         save_final(trainer, data, source, os.path.join(run_dir, "final"), args)
-    return RunResult(norm, seed, {k: float(v) for k, v in metrics.items()}, _history(trainer.state.log_history), time.perf_counter() - started)
+    return RunResult(norm, seed, {k: float(v) for k, v in metrics.items()}, history, time.perf_counter() - started)
 
 
 # --- the report ---------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def test_kmeans_contexts_on_digits_write_report_metrics_and_curves(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {run["norm"] for run in metrics["runs"]} == {"bn", "cn", "acn"}
     assert all("eval_accuracy" in run["metrics"] and run["history"]["train loss"] for run in metrics["runs"])
+    assert all(len(run["history"]["validation accuracy"]) == len(run["history"]["train loss"]) == 1 for run in metrics["runs"])
     assert metrics["context_source"]["kind"] == "kmeans"
     report = (out / "report.md").read_text()
     assert "| cn |" in report and "honest" in report and "oracle" not in report.split("|---")[0].split("\n")[-1]
