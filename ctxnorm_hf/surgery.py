@@ -28,7 +28,7 @@ from .norms._validation import PriorsLike, check_num_contexts, check_priors
 from .norms.base import IdConditionedNorm
 from .norms.norm_act import WITH_ACTIVATION
 from .norms.token_norm import AdaptiveContextLayerNorm, ContextLayerNorm
-from .routing import ROUTER_ATTRIBUTE, ContextRouter, get_router, install_router, uninstall_router
+from .routing import ROUTER_ATTRIBUTE, get_router, install_router, uninstall_router
 from .sites import SITE_READERS, NormSite, OriginalNorm, looks_like_norm, qualified_name
 
 logger = logging.getLogger(__name__)

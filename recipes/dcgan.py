@@ -75,10 +75,9 @@ import argparse
 import math
 import os
 import re
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,8 +91,8 @@ from ctxnorm_hf.frechet import FeatureSpace, GaussianStats, frechet_distance, ga
 from ctxnorm_hf.image_data import LOADERS, ImageData, load_image_data
 from ctxnorm_hf.models import SmallConvNet
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
+from ctxnorm_hf.runs import History, RunProgress, RunResult, latest_checkpoint, mean_curves, save_checkpoint
 
-History = Dict[str, List[float]]
 IMAGE_SIZE = 32
 HUB_DATASETS = ("cifar10", "cifar100", "oxford_pets")
 CLASSIFIER_LABEL = "FD (feature space of a classifier trained on the data, not Inception)"
@@ -302,44 +301,6 @@ def build_reference(args: argparse.Namespace, data: ImageData, parser: argparse.
 # --- one run ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RunProgress:
-    """What a checkpoint holds besides networks, optimizers and RNG states: epochs done and the curves so far."""
-
-    epoch: int = 0
-    history: History = field(default_factory=dict)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "history": self.history}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.epoch, self.history = int(state["epoch"]), {k: list(v) for k, v in state["history"].items()}
-
-
-@dataclass
-class RunResult:
-    norm: str
-    seed: int
-    metrics: Dict[str, float]
-    history: History
-    seconds: float
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(name for name in os.listdir(folder) if name.startswith("epoch-")) if os.path.isdir(folder) else []
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def save_checkpoint(accelerator: Any, run_dir: str, epoch: int) -> None:
-    """accelerate state (networks, optimizers, progress, RNGs) after ``epoch``; only the latest is kept."""
-    previous = latest_checkpoint(run_dir)
-    accelerator.save_state(os.path.join(run_dir, "checkpoints", f"epoch-{epoch:04d}"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and previous is not None:
-        shutil.rmtree(previous)
-
-
 def fixed_latents(count: int, latent_dim: int) -> torch.Tensor:
     """The same (count, latent_dim) standard normal latents for every run and evaluation."""
     return torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(1234))
@@ -437,17 +398,12 @@ def per_epoch(history: History, metric: str, epochs: int) -> List[float]:
     return values
 
 
-def mean_curves(results: Sequence[RunResult], norms: Sequence[str], metric: str, epochs: int) -> Dict[str, History]:
-    """norm -> {D loss, G loss, distance} -> per-epoch mean over seeds (NaN at epochs without a distance)."""
-    curves = {}
-    for norm in norms:
-        runs = [result for result in results if result.norm == norm]
-        curves[norm] = {
-            "D loss": list(np.mean([run.history["D loss"] for run in runs], axis=0)),
-            "G loss": list(np.mean([run.history["G loss"] for run in runs], axis=0)),
-            metric: list(np.mean([per_epoch(run.history, metric, epochs) for run in runs], axis=0)),
-        }
-    return curves
+def with_distance_per_epoch(results: Sequence[RunResult], metric: str, epochs: int) -> List[RunResult]:
+    """The runs with their distance curve spread over every epoch (NaN where not measured), for mean_curves."""
+    return [
+        replace(run, history={"D loss": run.history["D loss"], "G loss": run.history["G loss"], metric: per_epoch(run.history, metric, epochs)})
+        for run in results
+    ]
 
 
 def summarise(results: Sequence[RunResult], norms: Sequence[str], label: str) -> List[Dict[str, str]]:
@@ -510,7 +466,7 @@ def write_outputs(args: argparse.Namespace, data: ImageData, reference: Referenc
             },
         },
     )
-    plot_curves(mean_curves(results, args.norms, metric, args.epochs), os.path.join(args.output_dir, "curves.png"), f"DCGAN on {data.name}")
+    plot_curves(mean_curves(with_distance_per_epoch(results, metric, args.epochs), args.norms), os.path.join(args.output_dir, "curves.png"), f"DCGAN on {data.name}")
     return write_report(args, data, reference, results)
 
 

@@ -75,10 +75,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,9 +91,9 @@ from ctxnorm_hf.distributed import set_sync_stats
 from ctxnorm_hf.experiment import NORM_CHOICES, WITH_CONTEXT_IDS, apply_norm, check_at_least, parse_norms, parse_seeds, set_seed
 from ctxnorm_hf.image_data import ImageData, load_image_data
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
+from ctxnorm_hf.runs import RunProgress, RunResult, latest_checkpoint, mean_curves, save_checkpoint
 from ctxnorm_hf.wide_resnet import WideResNet, check_depth
 
-History = Dict[str, List[float]]
 SOURCE, TARGET = 0, 1
 """Context ids of the domains: DomainContexts([source, target]) numbers them in this order."""
 
@@ -440,29 +439,6 @@ DOMAIN_NAMES = {SOURCE: "source", TARGET: "target"}
 
 
 @dataclass
-class RunProgress:
-    """What a checkpoint holds besides model, optimizer and RNG states: epochs done and the curves so far."""
-
-    epoch: int = 0
-    history: History = field(default_factory=dict)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "history": self.history}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.epoch, self.history = int(state["epoch"]), {k: list(v) for k, v in state["history"].items()}
-
-
-@dataclass
-class RunResult:
-    norm: str
-    seed: int
-    metrics: Dict[str, float]
-    history: History
-    seconds: float
-
-
-@dataclass
 class RunSetup:
     """What every run shares: the two domains, their contexts, the sizes of an epoch."""
 
@@ -525,21 +501,6 @@ def evaluate(model: nn.Module, loader: Any, domain: int, routing: DomainRouting,
     model.train()
     y_true, y_pred = torch.cat(labels).numpy(), torch.cat(predictions).numpy()
     return {name: score(y_true, y_pred) for name, score in METRICS.items()}
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    folder = os.path.join(run_dir, "checkpoints")
-    names = sorted(name for name in os.listdir(folder) if name.startswith("epoch-")) if os.path.isdir(folder) else []
-    return os.path.join(folder, names[-1]) if names else None
-
-
-def save_checkpoint(accelerator: Any, run_dir: str, epoch: int) -> None:
-    """accelerate state (model, optimizer, EMA, progress, RNGs) after ``epoch``; only the latest is kept."""
-    previous = latest_checkpoint(run_dir)
-    accelerator.save_state(os.path.join(run_dir, "checkpoints", f"epoch-{epoch:04d}"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and previous is not None:
-        shutil.rmtree(previous)
 
 
 @dataclass
@@ -674,15 +635,6 @@ def summarise(results: Sequence[RunResult], norms: Sequence[str]) -> List[Dict[s
         row["seconds / run"] = f"{np.mean([run.seconds for run in runs]):.0f}"
         rows.append(row)
     return rows
-
-
-def mean_curves(results: Sequence[RunResult], norms: Sequence[str]) -> Dict[str, History]:
-    """norm -> metric -> per-epoch mean over seeds."""
-    curves = {}
-    for norm in norms:
-        histories = [result.history for result in results if result.norm == norm]
-        curves[norm] = {metric: list(np.mean([history[metric] for history in histories], axis=0)) for metric in histories[0]}
-    return curves
 
 
 def write_report(args: argparse.Namespace, setup: RunSetup, results: Sequence[RunResult]) -> str:

@@ -32,7 +32,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -46,6 +46,7 @@ from ctxnorm_hf.hub import is_savable
 from ctxnorm_hf.image_data import LOADERS, ImageData, load_image_data
 from ctxnorm_hf.models import build_classifier, is_timm_name, timm_model_args
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
+from ctxnorm_hf.runs import RunResult, mean_curves
 
 CONTEXT_KINDS = ("superclass", "kmeans", "kmeans-embed", "none")
 DEFAULT_K = 4
@@ -62,15 +63,6 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         return {"pixel_values": self.images[index], "labels": self.labels[index]}
-
-
-@dataclass
-class RunResult:
-    norm: str
-    seed: int
-    metrics: Dict[str, float]
-    history: Dict[str, List[float]] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -306,18 +298,6 @@ def summarise(results: List[RunResult], norms: Sequence[str], label_derived: boo
         row["seconds / run"] = f"{np.mean([run.seconds for run in runs]):.0f}"
         rows.append(row)
     return rows
-
-
-def mean_curves(results: List[RunResult], norms: Sequence[str]) -> Dict[str, Dict[str, List[float]]]:
-    curves = {}
-    for norm in norms:
-        histories = [result.history for result in results if result.norm == norm]
-        curves[norm] = {
-            metric: list(np.mean([history[metric] for history in histories if metric in history], axis=0))
-            for metric in histories[0]
-            if all(metric in history and len(history[metric]) == len(histories[0][metric]) for history in histories)
-        }
-    return curves
 
 
 def write_report(args: argparse.Namespace, data: ImageData, source: Optional[ContextSource], results: List[RunResult]) -> str:

@@ -5,6 +5,7 @@ import torch
 from torch.distributions import Normal
 
 from ctxnorm_hf import AdaptiveContextNorm
+from ctxnorm_hf.norms.token_norm import AdaptiveContextLayerNorm
 from ctxnorm_hf.norms.statistics import diagonal_gaussian_log_joint
 
 from ._reference import LAYOUT_IDS, LAYOUTS, channels_first
@@ -81,6 +82,29 @@ def test_mixing_weights_stay_on_the_simplex_under_training():
         assert (layer.priors >= 0).all()
         torch.testing.assert_close(layer.priors.sum(), torch.tensor(1.0))
     assert not torch.allclose(layer.priors, torch.full((3,), 1 / 3), atol=1e-3), "priors never moved"
+
+
+@pytest.mark.parametrize("shape,channel_dim", LAYOUTS, ids=LAYOUT_IDS)
+def test_hand_written_backward_matches_autograd_of_the_reference(shape, channel_dim):
+    """Gradients of x and of every parameter equal autograd through the explicit mixture."""
+    layer = _randomised(AdaptiveContextNorm(shape[channel_dim], 4, channel_dim=channel_dim))
+    with torch.no_grad():
+        layer.mean.mul_(0.3)  # components that share the data, so every posterior is far from 0 and 1
+    x = (torch.randn(shape) * 1.5 + 0.2).requires_grad_()
+    grad_y = torch.randn(shape)
+    params = [layer.weight, layer.bias, layer.mean, layer.log_var, layer.prior_logits]
+    grads = torch.autograd.grad(layer(x), [x, *params], grad_y)
+    expected = torch.autograd.grad(_reference(layer, x), [x, *params], grad_y)
+    for name, got, want in zip(["x", "weight", "bias", "mean", "log_var", "prior_logits"], grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layer_class,channel_dim", [(AdaptiveContextNorm, -1), (AdaptiveContextLayerNorm, -1)])
+def test_gradcheck_float64_channels_last(layer_class, channel_dim):
+    layer = _randomised(layer_class(3, 2, channel_dim=channel_dim)).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    params = (layer.weight, layer.bias, layer.mean, layer.log_var, layer.prior_logits)
+    assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x, *params))
 
 
 def test_gradcheck_float64():

@@ -1,6 +1,5 @@
 """Context sources: built-in superclass maps against their published tables, k-means, domains."""
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ctxnorm_hf import ContextNorm, convert_norms, export_context, use_contexts
-from ctxnorm_hf.norms import AdaptiveContextNorm, ContextNormX
+from ctxnorm_hf.norms import ContextNormX
 from ctxnorm_hf.norms.norm_act import ContextNormAct2d
 from ctxnorm_hf.norms.token_norm import AdaptiveContextLayerNorm, ContextLayerNorm
 from ctxnorm_hf.surgery import converted_layers

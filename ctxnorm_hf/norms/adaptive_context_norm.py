@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .base import NormBase
-from .statistics import context_affine, diagonal_gaussian_log_joint, inverse_std, mixture_affine, stats_dtype
+from .posterior_affine import posterior_affine
+from .statistics import GaussianQuadratics, context_affine, inverse_std, stats_dtype
 
 
 class AdaptiveContextNorm(NormBase):
@@ -80,12 +81,14 @@ class AdaptiveContextNorm(NormBase):
         """lambda_k = softmax(prior_logits): (K,), on the simplex."""
         return self.prior_logits.softmax(0)
 
+    def _mixture(self, dtype: torch.dtype) -> GaussianQuadratics:
+        return GaussianQuadratics.from_gaussians(
+            self.mean.to(dtype), self.log_var.to(dtype), self.prior_logits.to(dtype).log_softmax(0)
+        )
+
     def _log_posterior3(self, x3: torch.Tensor) -> torch.Tensor:
         """log p(k | x) for every position of the 3-D view: C replaced by K."""
-        log_joint = diagonal_gaussian_log_joint(
-            x3, self.mean.to(x3.dtype), self.log_var.to(x3.dtype), self.prior_logits.to(x3.dtype).log_softmax(0), self.layout
-        )
-        return log_joint.log_softmax(self.layout.channel_axis)
+        return self._mixture(x3.dtype).log_joint(x3, self.layout).log_softmax(self.layout.channel_axis)
 
     def context_posterior(self, x: torch.Tensor) -> torch.Tensor:
         """p(k | x) for every position: x's shape with the channel dim of size K, float32."""
@@ -116,10 +119,8 @@ class AdaptiveContextNorm(NormBase):
         x3 = self._view3d(x)
         dtype = stats_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            x3 = x3.to(dtype)
-            posterior3 = self._log_posterior3(x3).exp()
             scale, shift = self._component_affine(dtype)
-            y3 = mixture_affine(x3, posterior3, scale, shift, self.layout)
+            y3 = posterior_affine(x3.to(dtype), self._mixture(dtype), scale, shift, self.layout)
         return y3.to(x.dtype).reshape(x.shape)
 
     def extra_repr(self) -> str:

@@ -90,13 +90,22 @@ class ChannelLayout:
         """
         if self.channels_last:
             return x3 @ matrix.transpose(0, 1)
-        return matrix @ x3
+        # bmm, not matmul: for inputs that require grad, matmul folds the batch into one GEMM by
+        # copying the transposed input and transposing the result back, two input-sized copies.
+        return torch.bmm(matrix.expand(x3.shape[0], *matrix.shape), x3)
 
     def unproject(self, weights3: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """Inverse direction of :meth:`project`: (N, K, M) / (N, M, K) with (K, C) -> C on the channel axis."""
         if self.channels_last:
             return weights3 @ matrix
-        return matrix.transpose(0, 1) @ weights3
+        return torch.bmm(matrix.transpose(0, 1).expand(weights3.shape[0], -1, -1), weights3)
+
+    def contract(self, weights3: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        """(K, C): sum over samples and positions of weights3[k] * x3[c]; the gradient of
+        :meth:`project` / :meth:`unproject` with respect to their matrix."""
+        if self.channels_last:
+            return weights3.reshape(-1, weights3.shape[-1]).transpose(0, 1) @ x3.reshape(-1, x3.shape[-1])
+        return torch.bmm(weights3, x3.transpose(1, 2)).sum(0)
 
     def position_vectors(self, x3: torch.Tensor) -> torch.Tensor:
         """All position vectors as rows: (N * M, C). Copies for channels-first."""

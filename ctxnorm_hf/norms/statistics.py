@@ -204,6 +204,32 @@ def update_running_stats_(
         running.lerp_(batch.detach().to(running.dtype), rate)
 
 
+class GaussianQuadratics(NamedTuple):
+    """A diagonal Gaussian mixture as quadratic forms of x, the expanded form scikit-learn's diagonal GMM uses:
+
+        log(pi_k N(x; mu_k, diag(var_k))) = const_k + sum_c (linear_kc x_c - precision_kc x_c^2 / 2)
+
+    so evaluating every component costs two C -> K projections and no (positions, K, C) tensor.
+    """
+
+    precision: torch.Tensor  # (K, C): 1 / var_k
+    linear: torch.Tensor  # (K, C): mu_k / var_k
+    const: torch.Tensor  # (K,)
+
+    @classmethod
+    def from_gaussians(cls, means: torch.Tensor, log_vars: torch.Tensor, log_priors: torch.Tensor) -> "GaussianQuadratics":
+        """means, log_vars: (K, C); log_priors: (K,), normalised log mixing weights."""
+        precision = torch.exp(-log_vars)
+        linear = means * precision
+        const = log_priors - 0.5 * (means.shape[1] * LOG_2PI + log_vars.sum(1) + (means * linear).sum(1))
+        return cls(precision, linear, const)
+
+    def log_joint(self, points: torch.Tensor, layout: ChannelLayout) -> torch.Tensor:
+        """log(pi_k N(x; mu_k, diag(var_k))) at every position: ``points``' channel axis replaced by K."""
+        log_joint = layout.project(points * points, -0.5 * self.precision)
+        return log_joint.add_(layout.project(points, self.linear)).add_(layout.along_channels(self.const))
+
+
 def diagonal_gaussian_log_joint(
     points: torch.Tensor,
     means: torch.Tensor,
@@ -213,22 +239,13 @@ def diagonal_gaussian_log_joint(
 ) -> torch.Tensor:
     """log(pi_k N(x; mu_k, diag(var_k))) for every position vector x and component k.
 
-    Uses the expanded quadratic form (as scikit-learn's diagonal GMM does), so
-    the cost is that of two C -> K projections and no (positions, K, C)
-    tensor is formed.
-
     Args:
         points: (S, C) rows (the default channels-last layout) or a 3-D input view.
         means, log_vars: (K, C). log_priors: (K,), normalised log mixing weights.
     Returns:
         the channel axis of ``points`` replaced by K: (S, K), (N, K, M) or (N, M, K).
     """
-    precision = torch.exp(-log_vars)
-    constant = log_priors - 0.5 * (
-        means.shape[1] * LOG_2PI + log_vars.sum(1) + (means * means * precision).sum(1)
-    )
-    quadratic = layout.project(points * points, precision) - 2.0 * layout.project(points, means * precision)
-    return layout.along_channels(constant) - 0.5 * quadratic
+    return GaussianQuadratics.from_gaussians(means, log_vars, log_priors).log_joint(points, layout)
 
 
 def mixture_affine(

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .adaptive_context_norm import AdaptiveContextNorm
 from .base import IdConditionedNorm
 from .layout import ChannelLayout
-from .statistics import gathered_affine, mixture_affine, stats_dtype
+from .posterior_affine import posterior_affine
+from .statistics import gathered_affine, stats_dtype
 
 
 def standardize_positions(x3: torch.Tensor, layout: ChannelLayout, eps: float) -> torch.Tensor:
@@ -103,9 +104,8 @@ class AdaptiveContextLayerNorm(AdaptiveContextNorm):
         dtype = stats_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             standardized = standardize_positions(x3, self.layout, self.eps)
-            posterior3 = self._log_posterior3(standardized).exp()
             scale, shift = self._component_affine(dtype, normalise=False)
-            y3 = mixture_affine(standardized, posterior3, scale, shift, self.layout)
+            y3 = posterior_affine(standardized, self._mixture(dtype), scale, shift, self.layout)
         return y3.to(x.dtype).reshape(x.shape)
 
     def context_posterior(self, x: torch.Tensor) -> torch.Tensor:
