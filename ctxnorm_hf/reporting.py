@@ -60,6 +60,7 @@ def plot_curves(histories: Mapping[str, History], path: str, title: str = "") ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = sorted({metric for history in histories.values() for metric in history})
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
@@ -70,6 +71,7 @@ def plot_curves(histories: Mapping[str, History], path: str, title: str = "") ->
                 axis.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=run)
         axis.set_title(metric)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     if title:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-History = Dict[str, List[float]]
-"""metric name -> one value per epoch."""
+from .reporting import History
+
 
 
 @dataclass
