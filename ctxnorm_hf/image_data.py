@@ -191,8 +191,8 @@ LOADERS: Dict[str, Callable[..., ImageData]] = {
     "digits": lambda seed=0, **_: load_digits_data(seed),
     "fashion_mnist": lambda directory=FASHION_MNIST_DIR, **_: load_fashion_mnist(directory),
     "mnist_sample": lambda seed=0, **_: load_mnist_sample(seed),
-    "cifar10": _hub("cifar10", "img", "label", None),
-    "cifar100": _hub("cifar100", "img", "fine_label", "cifar100"),
+    "cifar10": _hub("uoft-cs/cifar10", "img", "label", None),
+    "cifar100": _hub("uoft-cs/cifar100", "img", "fine_label", "cifar100"),
     "oxford_pets": _hub("timm/oxford-iiit-pet", "image", "label", "oxford_pets"),
 }
 """Data set name -> loader(seed=..., image_size=..., directory=...)."""
