@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ctxnorm_hf import ContextNormX
+from ctxnorm_hf.norms import layout
 
 from ._reference import LAYOUT_IDS, LAYOUTS, channels_first
 
@@ -41,6 +42,17 @@ def test_gradcheck_float64():
     ids = torch.tensor([0, 1, 1, 0])
     params = (layer.weight, layer.bias, layer.mean, layer.log_var)
     assert torch.autograd.gradcheck(lambda x, *p: layer(x, ids), (x, *params))
+
+
+def test_channels_last_backward_by_chunks_of_samples_matches_autograd(monkeypatch):
+    monkeypatch.setattr(layout, "PRODUCT_CHUNK_ELEMENTS", 40)  # 7 samples of 30 elements: one per chunk
+    layer = _randomised(ContextNormX(6, 3, channel_dim=-1))
+    x, ids, grad_y = torch.randn(7, 5, 6, requires_grad=True), torch.tensor([0, 2, 1, 2, 0, 0, 1]), torch.randn(7, 5, 6)
+    params = [layer.weight, layer.bias, layer.mean, layer.log_var]
+    grads = torch.autograd.grad(layer(x, ids), [x, *params], grad_y)
+    expected = torch.autograd.grad(_reference(layer, x, ids), [x, *params], grad_y)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("log_var", [-1e4, -80.0, -10.0, 0.0, 10.0, 80.0, 1e4])

@@ -14,8 +14,12 @@ per-channel quantities of shape (N, C) broadcast against ``x3`` with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional, Tuple
 
 import torch
+
+PRODUCT_CHUNK_ELEMENTS = 1 << 20
+"""Elements per temporary when the backward of channels-last row affines sums grad * x over positions."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class ChannelLayout:
         exact and faster than a broadcast addcmul.
         """
         if self.channels_last:
-            return torch.addcmul(self.expand(shift), x3, self.expand(scale))
+            return _ChannelsLastRowAffine.apply(x3, scale, shift)
         rows = x3.reshape(1, -1, x3.shape[2])
         flat_scale = scale.reshape(-1)
         zeros, ones = torch.zeros_like(flat_scale), torch.ones_like(flat_scale)
@@ -117,3 +121,28 @@ class ChannelLayout:
         """Inverse of :meth:`position_vectors`: (N * M, C) -> the 3-D view."""
         as_channels_last = rows.view(batch_size, -1, rows.shape[-1])
         return as_channels_last if self.channels_last else as_channels_last.transpose(1, 2)
+
+
+class _ChannelsLastRowAffine(torch.autograd.Function):
+    """y = x3 * scale + shift for (N, M, C) views and (N, C) scale, shift, with the per-sample gradient
+    sum over positions of grad * x computed a few samples at a time: autograd's addcmul backward
+    materialises that product whole, an input-sized temporary."""
+
+    @staticmethod
+    def forward(ctx: Any, x3: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x3, scale)
+        return torch.addcmul(shift.unsqueeze(1), x3, scale.unsqueeze(1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y3: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x3, scale = ctx.saved_tensors
+        grad_x3 = grad_y3 * scale.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            rows = max(1, PRODUCT_CHUNK_ELEMENTS // max(1, x3[0].numel()))
+            grad_scale = torch.cat(
+                [(grad_y3[start : start + rows] * x3[start : start + rows]).sum(1) for start in range(0, x3.shape[0], rows)]
+            )
+        grad_shift = grad_y3.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_x3, grad_scale, grad_shift

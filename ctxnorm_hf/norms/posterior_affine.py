@@ -46,9 +46,14 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         x3, posterior, precision, linear, scale, shift = ctx.saved_tensors
         layout: ChannelLayout = ctx.layout
         need = ctx.needs_input_grad
+        # Input-sized temporaries are created one at a time and dropped as soon as they are used,
+        # so the peak is the output, the input gradient and one temporary.
         grad_x_y = grad_y3 * x3
         # through the posterior: d/d log_joint of softmax, from d/d posterior_k = scale_k . (g x) + shift_k . g
         grad_posterior = layout.project(grad_x_y, scale).add_(layout.project(grad_y3, shift))
+        grad_scale = layout.contract(posterior, grad_x_y) if need[4] else None
+        del grad_x_y
+        grad_shift = layout.contract(posterior, grad_y3) if need[5] else None
         centred = grad_posterior.sub_((grad_posterior * posterior).sum(layout.channel_axis, keepdim=True))
         grad_log_joint = centred.mul_(posterior)
 
@@ -61,8 +66,6 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         grad_precision = -0.5 * layout.contract(grad_log_joint, x3 * x3) if need[1] else None
         grad_linear = layout.contract(grad_log_joint, x3) if need[2] else None
         grad_const = grad_log_joint.sum((0, layout.position_axis)) if need[3] else None
-        grad_scale = layout.contract(posterior, grad_x_y) if need[4] else None
-        grad_shift = layout.contract(posterior, grad_y3) if need[5] else None
         return grad_x3, grad_precision, grad_linear, grad_const, grad_scale, grad_shift, None
 
 
