@@ -64,11 +64,12 @@ def plot_curves(histories: Mapping[str, History], path: str, title: str = "") ->
 
     metrics = sorted({metric for history in histories.values() for metric in history})
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    colors = {run: f"C{index % 10}" for index, run in enumerate(histories)}  # a run keeps its colour in every panel
     for axis, metric in zip(axes[0], metrics):
         for run, history in histories.items():
             values = history.get(metric)
             if values:
-                axis.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=run)
+                axis.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=run, color=colors[run])
         axis.set_title(metric)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
