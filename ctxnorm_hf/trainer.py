@@ -9,7 +9,7 @@
   (p(y | x) = p(y | x, k = s(y)) p(k = s(y) | x), with p(k | x) from a
   ContextPredictor fitted on the training data), reported as
   ``eval_oracle_accuracy`` and ``eval_inferred_accuracy``;
-- writes checkpoints whose state dict loads strictly into a converted twin.
+- writes checkpoints that ``from_pretrained`` reloads and Trainer resumes from exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from .contexts import ContextPredictor, ContextSource, SuperclassContexts
 from .data import ContextCollator
+from .hub import is_savable, save_pretrained
 from .norms.base import IdConditionedNorm, NormBase
 from .routing import CONTEXT_IDS_KWARG, ROUTER_ATTRIBUTE
 
@@ -49,6 +50,8 @@ class ContextTrainer(Trainer):
             fitted on up to ``predictor_samples`` training samples at the first evaluation
             when not given.
         predictor_samples: how many training samples fit the default predictor.
+        save_options: further :func:`ctxnorm_hf.save_pretrained` arguments for checkpoints and
+            ``save_model`` (timm ``model_args`` the model was created with, model card metadata).
 
     Without ``compute_metrics``, evaluation reports accuracy.
     """
@@ -59,6 +62,7 @@ class ContextTrainer(Trainer):
         context_source: Optional[ContextSource] = None,
         context_predictor: Optional[ContextPredictor] = None,
         predictor_samples: int = 5000,
+        save_options: Optional[Dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
         collator = kwargs.get("data_collator")
@@ -69,6 +73,7 @@ class ContextTrainer(Trainer):
         self.context_source = context_source
         self.context_predictor = context_predictor
         self.predictor_samples = predictor_samples
+        self.save_options = dict(save_options or {})
         if not self._is_transformers_model and self.args.label_names is None:
             self.label_names = ["labels"]
 
@@ -127,6 +132,18 @@ class ContextTrainer(Trainer):
         logits = model(_pixels(inputs), **routed)
         loss = nn.functional.cross_entropy(logits, labels)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Save as Trainer does, then, for a converted timm / transformers model, as ctxnorm_hf.save_pretrained
+        does (same folder): the weights under the module's own names, the context source and what
+        ``from_pretrained`` needs. transformers 5 saves its models under checkpoint names that differ
+        from the module's, and Trainer's resume (``load_state_dict(strict=False)``) then silently
+        loads none of them; the module's own names reload exactly."""
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        # A state dict given by save_model comes from a sharded model (FSDP, DeepSpeed): keep Trainer's format.
+        if state_dict is None and self.args.should_save and is_savable(model):
+            save_pretrained(model, output_dir or self.args.output_dir, context_source=self.context_source, **self.save_options)
 
     def get_decay_parameter_names(self, model: nn.Module) -> List[str]:
         norm_parameters = {

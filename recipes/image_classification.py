@@ -39,10 +39,9 @@ import numpy as np
 import torch
 from transformers import TrainingArguments
 
-from ctxnorm_hf import ContextTrainer, from_pretrained, load_context_source, push_to_hub, save_pretrained
+from ctxnorm_hf import ContextTrainer, from_pretrained, load_context_source, push_to_hub
 from ctxnorm_hf.contexts import BackboneFeatures, ContextPredictor, ContextSource, KMeansContexts, SuperclassContexts
 from ctxnorm_hf.experiment import UNCHANGED, WITH_CONTEXT_IDS, apply_norm, check_at_least, parse_norms, parse_seeds, set_seed
-from ctxnorm_hf.hub import is_savable
 from ctxnorm_hf.image_data import LOADERS, ImageData, load_image_data
 from ctxnorm_hf.models import build_classifier, is_timm_name, timm_model_args
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
@@ -228,19 +227,9 @@ def run_dir_of(args: argparse.Namespace, norm: str, seed: int) -> str:
     return os.path.join(args.output_dir, "runs", f"{norm}-seed{seed}")
 
 
-def save_final(
-    trainer: ContextTrainer, data: ImageData, source: Optional[ContextSource], folder: str, args: argparse.Namespace
-) -> None:
-    """A converted timm / transformers model is saved as ctxnorm_hf.from_pretrained reloads it (with its
-    context source); a baseline, or a plain torch model, as Trainer saves models."""
-    if not is_savable(trainer.model):
-        trainer.save_model(folder)
-        return
-    save_pretrained(trainer.model, folder, context_source=source, **_saving_options(args, data))
-
-
 def _saving_options(args: argparse.Namespace, data: ImageData) -> Dict[str, Any]:
-    """What ctxnorm_hf.save_pretrained needs beyond the model: timm's create_model arguments and card metadata."""
+    """What ctxnorm_hf.save_pretrained needs beyond the model and its context source: timm's create_model
+    arguments and model card metadata."""
     model_args = timm_model_args(args.model, data.image_shape) if is_timm_name(args.model) else None
     return {"model_args": model_args, "datasets": [data.name], "tags": ["image-classification"]}
 
@@ -264,13 +253,13 @@ def run_one(
         eval_dataset=TensorImages(data.test_images, data.test_labels),
         context_source=source,
         context_predictor=predictor,
+        save_options=_saving_options(args, data),
     )
     resume = args.resume and any(entry.startswith("checkpoint-") for entry in os.listdir(run_dir)) if os.path.isdir(run_dir) else False
     trainer.train(resume_from_checkpoint=True if resume else None)
     history = _history(trainer.state.log_history)  # one point per epoch, before the final evaluation adds its own
     metrics = trainer.evaluate()
-    if trainer.is_world_process_zero():
-        save_final(trainer, data, source, os.path.join(run_dir, "final"), args)
+    trainer.save_model(os.path.join(run_dir, "final"))  # main process only; from_pretrained reloads it when converted
     return RunResult(norm, seed, {k: float(v) for k, v in metrics.items()}, history, time.perf_counter() - started)
 
 

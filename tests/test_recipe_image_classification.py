@@ -79,20 +79,29 @@ def test_superclass_contexts_report_both_protocols(tmp_path, fashion_dir):
     assert "oracle: ids from labels" in report and "honest: ids from the input" in report
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path):
-    small = ["--seeds", "0", "--train-subset", "128", "--test-subset", "64", "--batch-size", "32", "--norms", "cn", "--save-checkpoints"]
+@pytest.mark.parametrize("model", ["small_convnet", "small_vit"])  # a plain torch module, a transformers model
+def test_resume_continues_from_the_last_checkpoint(model, tmp_path):
+    small = ["--model", model, "--seeds", "0", "--train-subset", "128", "--test-subset", "64", "--batch-size", "32",
+             "--norms", "cn", "--save-checkpoints"]
     first = _run(small + ["--epochs", "1", "--lr", "0.01"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "out" / "runs" / "cn-seed0"
     assert [entry.name for entry in run_dir.iterdir() if entry.name.startswith("checkpoint-")] == ["checkpoint-4"]
-    first_loss = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]["history"]["train loss"]
+    first_run = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]
+
+    # Nothing left to train: the resumed run evaluates exactly the weights of the checkpoint.
+    again = _run(small + ["--epochs", "1", "--lr", "0.01", "--resume"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "missing keys" not in again.stderr
+    resumed = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]
+    assert resumed["metrics"]["eval_loss"] == first_run["metrics"]["eval_loss"]
 
     # A different learning rate: a run started afresh would log another first-epoch loss.
     second = _run(small + ["--epochs", "2", "--lr", "0.003", "--resume"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     run = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"][0]
     assert run["metrics"]["epoch"] == 2.0 and len(run["history"]["train loss"]) == 2
-    assert run["history"]["train loss"][0] == first_loss[0]
+    assert run["history"]["train loss"][0] == first_run["history"]["train loss"][0]
 
 
 def test_two_gloo_ranks_with_torchrun(tmp_path):

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from transformers import TrainingArguments
 
-from ctxnorm_hf import ContextCollator, ContextTrainer, convert_norms
+from ctxnorm_hf import ContextCollator, ContextTrainer, convert_norms, from_pretrained, load_context_source
 from ctxnorm_hf.contexts import ContextPredictor, KMeansContexts, SuperclassContexts
 from ctxnorm_hf.surgery import converted_layers
 
@@ -137,6 +137,7 @@ def test_trainer_trains_a_timm_model_and_checkpoints_reload_strictly(tmp_path):
         train_dataset=train,
         eval_dataset=evaluation,
         context_source=source,
+        save_options={"model_args": {"in_chans": 1}},
     )
     trainer.train()
     losses = _losses(trainer)
@@ -152,6 +153,10 @@ def test_trainer_trains_a_timm_model_and_checkpoints_reload_strictly(tmp_path):
     model.eval()
     ids = source.assign(pixels[:8])
     torch.testing.assert_close(twin(pixels[:8], context_ids=ids), model(pixels[:8], context_ids=ids))
+    # ... and the plugin's own loader reads the checkpoint folder, context source included
+    reloaded = from_pretrained(checkpoint).eval()
+    torch.testing.assert_close(reloaded(pixels[:8], context_ids=ids), model(pixels[:8], context_ids=ids))
+    assert torch.equal(load_context_source(checkpoint).assign(pixels[:8]), ids)
 
 
 def test_new_norm_parameters_get_no_weight_decay(tmp_path):
