@@ -176,11 +176,14 @@ BASE_MODEL_FORMATS: Dict[str, BaseModelFormat] = {fmt.library: fmt for fmt in (T
 """library -> format; the first whose ``matches`` accepts a model saves it. Register new libraries here."""
 
 
+def _is_converted(model: nn.Module) -> bool:
+    return getattr(model, REPORT_ATTRIBUTE, None) is not None and bool(converted_layers(model))
+
+
 def is_savable(model: nn.Module) -> bool:
     """Whether :func:`save_pretrained` accepts ``model``: converted, and a timm or transformers model."""
     model = _unwrap(model)
-    converted = getattr(model, REPORT_ATTRIBUTE, None) is not None and bool(converted_layers(model))
-    return converted and any(fmt.matches(model) for fmt in BASE_MODEL_FORMATS.values())
+    return _is_converted(model) and any(fmt.matches(model) for fmt in BASE_MODEL_FORMATS.values())
 
 
 def base_model_format(model: nn.Module) -> BaseModelFormat:
@@ -488,7 +491,7 @@ def save_pretrained(
         The folder path.
     """
     model = _unwrap(model)
-    if getattr(model, REPORT_ATTRIBUTE, None) is None or not converted_layers(model):
+    if not _is_converted(model):
         raise ValueError(
             f"{type(model).__name__} is not converted: call ctxnorm_hf.convert_norms(model, strategy, K) first "
             "(a plain model is saved by its own library: model.save_pretrained or timm's save_for_hf)."

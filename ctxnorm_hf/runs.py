@@ -12,7 +12,6 @@ import numpy as np
 from .reporting import History
 
 
-
 @dataclass
 class RunResult:
     """What one (norm, seed) run leaves: final metrics, per-epoch curves and its wall-clock seconds."""

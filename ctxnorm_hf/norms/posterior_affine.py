@@ -4,8 +4,10 @@
 
 at every position vector x (C channels) of a 3-D input view. Autograd through
 this composition saves and re-reads a dozen input-sized tensors, and the
-gradients of the broadcast (K, C) @ (N, C, M) products copy the input; the
-backward here costs five input-sized passes and three (K, C) contractions.
+gradients of the broadcast (K, C) @ (N, C, M) products copy the input. The
+backward here recomputes what is cheaper to recompute than to keep (the mixed
+scale, x * x), holds at most one input-sized temporary beside the input
+gradient, and gets every parameter gradient from a (K, C) contraction.
 """
 
 from __future__ import annotations
