@@ -5,10 +5,14 @@ import torch
 from torch.distributions import Normal
 
 from ctxnorm_hf import AdaptiveContextNorm
+from ctxnorm_hf.norms import layout as layout_module
 from ctxnorm_hf.norms.token_norm import AdaptiveContextLayerNorm
 from ctxnorm_hf.norms.statistics import diagonal_gaussian_log_joint
 
 from ._reference import LAYOUT_IDS, LAYOUTS, channels_first
+
+# The layer works a few samples at a time; one element per chunk forces one sample per chunk.
+CHUNKINGS = pytest.mark.parametrize("chunk_elements", [layout_module.CHUNK_ELEMENTS, 1], ids=["whole", "by-sample"])
 
 
 def _randomised(layer: AdaptiveContextNorm) -> AdaptiveContextNorm:
@@ -33,8 +37,10 @@ def _reference(layer: AdaptiveContextNorm, x: torch.Tensor) -> torch.Tensor:
     return out if layer.channel_dim == 1 else out.movedim(1, -1)
 
 
+@CHUNKINGS
 @pytest.mark.parametrize("shape,channel_dim", LAYOUTS, ids=LAYOUT_IDS)
-def test_matches_explicit_mixture(shape, channel_dim):
+def test_matches_explicit_mixture(shape, channel_dim, chunk_elements, monkeypatch):
+    monkeypatch.setattr(layout_module, "CHUNK_ELEMENTS", chunk_elements)
     layer = _randomised(AdaptiveContextNorm(shape[channel_dim], 4, channel_dim=channel_dim))
     x = torch.randn(shape)
     torch.testing.assert_close(layer(x), _reference(layer, x), atol=1e-5, rtol=1e-5)
@@ -84,9 +90,11 @@ def test_mixing_weights_stay_on_the_simplex_under_training():
     assert not torch.allclose(layer.priors, torch.full((3,), 1 / 3), atol=1e-3), "priors never moved"
 
 
+@CHUNKINGS
 @pytest.mark.parametrize("shape,channel_dim", LAYOUTS, ids=LAYOUT_IDS)
-def test_hand_written_backward_matches_autograd_of_the_reference(shape, channel_dim):
+def test_hand_written_backward_matches_autograd_of_the_reference(shape, channel_dim, chunk_elements, monkeypatch):
     """Gradients of x and of every parameter equal autograd through the explicit mixture."""
+    monkeypatch.setattr(layout_module, "CHUNK_ELEMENTS", chunk_elements)
     layer = _randomised(AdaptiveContextNorm(shape[channel_dim], 4, channel_dim=channel_dim))
     with torch.no_grad():
         layer.mean.mul_(0.3)  # components that share the data, so every posterior is far from 0 and 1
@@ -99,15 +107,19 @@ def test_hand_written_backward_matches_autograd_of_the_reference(shape, channel_
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@CHUNKINGS
 @pytest.mark.parametrize("layer_class,channel_dim", [(AdaptiveContextNorm, -1), (AdaptiveContextLayerNorm, -1)])
-def test_gradcheck_float64_channels_last(layer_class, channel_dim):
+def test_gradcheck_float64_channels_last(layer_class, channel_dim, chunk_elements, monkeypatch):
+    monkeypatch.setattr(layout_module, "CHUNK_ELEMENTS", chunk_elements)
     layer = _randomised(layer_class(3, 2, channel_dim=channel_dim)).double()
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     params = (layer.weight, layer.bias, layer.mean, layer.log_var, layer.prior_logits)
     assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x, *params))
 
 
-def test_gradcheck_float64():
+@CHUNKINGS
+def test_gradcheck_float64(chunk_elements, monkeypatch):
+    monkeypatch.setattr(layout_module, "CHUNK_ELEMENTS", chunk_elements)
     layer = _randomised(AdaptiveContextNorm(3, 2)).double()
     x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
     params = (layer.weight, layer.bias, layer.mean, layer.log_var, layer.prior_logits)

@@ -45,7 +45,7 @@ def test_gradcheck_float64():
 
 
 def test_channels_last_backward_by_chunks_of_samples_matches_autograd(monkeypatch):
-    monkeypatch.setattr(layout, "PRODUCT_CHUNK_ELEMENTS", 40)  # 7 samples of 30 elements: one per chunk
+    monkeypatch.setattr(layout, "CHUNK_ELEMENTS", 40)  # 7 samples of 30 elements: one per chunk
     layer = _randomised(ContextNormX(6, 3, channel_dim=-1))
     x, ids, grad_y = torch.randn(7, 5, 6, requires_grad=True), torch.tensor([0, 2, 1, 2, 0, 0, 1]), torch.randn(7, 5, 6)
     params = [layer.weight, layer.bias, layer.mean, layer.log_var]

@@ -14,12 +14,19 @@ per-channel quantities of shape (N, C) broadcast against ``x3`` with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-PRODUCT_CHUNK_ELEMENTS = 1 << 20
-"""Elements per temporary when the backward of channels-last row affines sums grad * x over positions."""
+CHUNK_ELEMENTS = 1 << 19
+"""Elements per input-sized temporary in the passes that go a few samples at a time (2 MiB in float32):
+small enough to stay in cache between the ops of one chunk and to keep the peak memory near the input's."""
+
+
+def sample_chunks(x3: torch.Tensor) -> List[slice]:
+    """Slices of the batch dim holding about :data:`CHUNK_ELEMENTS` elements each (at least one sample)."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, x3[0].numel()))
+    return [slice(start, start + rows) for start in range(0, x3.shape[0], rows)]
 
 
 @dataclass(frozen=True)
@@ -86,23 +93,53 @@ class ChannelLayout:
         """(C,) or (K,) -> a view that broadcasts along the channel axis of a 3-D view."""
         return vector if self.channels_last else vector.unsqueeze(-1)
 
-    def project(self, x3: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    def project(self, x3: torch.Tensor, matrix: torch.Tensor, *, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Contract the channel axis with ``matrix`` of shape (K, C).
 
         Returns (N, K, M) for channels-first and (N, M, K) for channels-last,
-        i.e. the channel axis of ``x3`` replaced by K.
+        i.e. the channel axis of ``x3`` replaced by K. With ``add_to`` (a
+        contiguous tensor of that shape), the product is added to it in place
+        inside the GEMM and ``add_to`` is returned.
         """
         if self.channels_last:
-            return x3 @ matrix.transpose(0, 1)
+            rows = x3.reshape(-1, x3.shape[-1])
+            if add_to is None:
+                return (rows @ matrix.transpose(0, 1)).view(*x3.shape[:-1], -1)
+            add_to.view(rows.shape[0], -1).addmm_(rows, matrix.transpose(0, 1))
+            return add_to
         # bmm, not matmul: for inputs that require grad, matmul folds the batch into one GEMM by
         # copying the transposed input and transposing the result back, two input-sized copies.
-        return torch.bmm(matrix.expand(x3.shape[0], *matrix.shape), x3)
+        left = matrix.expand(x3.shape[0], *matrix.shape)
+        return torch.bmm(left, x3) if add_to is None else add_to.baddbmm_(left, x3)
 
-    def unproject(self, weights3: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """Inverse direction of :meth:`project`: (N, K, M) / (N, M, K) with (K, C) -> C on the channel axis."""
+    def unproject(
+        self,
+        weights3: torch.Tensor,
+        matrix: torch.Tensor,
+        *,
+        add_to: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Inverse direction of :meth:`project`: (N, K, M) / (N, M, K) with (K, C) -> C on the channel axis.
+
+        ``add_to`` accumulates in place as in :meth:`project`; ``out`` (contiguous,
+        the result's shape) receives the product instead of a new tensor.
+        """
+        target = add_to if add_to is not None else out
         if self.channels_last:
-            return weights3 @ matrix
-        return torch.bmm(matrix.transpose(0, 1).expand(weights3.shape[0], -1, -1), weights3)
+            rows = weights3.reshape(-1, weights3.shape[-1])
+            if target is None:
+                return (rows @ matrix).view(*weights3.shape[:-1], -1)
+            flat = target.view(rows.shape[0], -1)
+            if add_to is not None:
+                flat.addmm_(rows, matrix)
+            else:
+                torch.mm(rows, matrix, out=flat)
+            return target
+        left = matrix.transpose(0, 1).expand(weights3.shape[0], -1, -1)
+        if add_to is not None:
+            return add_to.baddbmm_(left, weights3)
+        return torch.bmm(left, weights3, out=out)
 
     def contract(self, weights3: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         """(K, C): sum over samples and positions of weights3[k] * x3[c]; the gradient of
@@ -140,9 +177,6 @@ class _ChannelsLastRowAffine(torch.autograd.Function):
         grad_x3 = grad_y3 * scale.unsqueeze(1) if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            rows = max(1, PRODUCT_CHUNK_ELEMENTS // max(1, x3[0].numel()))
-            grad_scale = torch.cat(
-                [(grad_y3[start : start + rows] * x3[start : start + rows]).sum(1) for start in range(0, x3.shape[0], rows)]
-            )
+            grad_scale = torch.cat([(grad_y3[chunk] * x3[chunk]).sum(1) for chunk in sample_chunks(x3)])
         grad_shift = grad_y3.sum(1) if ctx.needs_input_grad[2] else None
         return grad_x3, grad_scale, grad_shift

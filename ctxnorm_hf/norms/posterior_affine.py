@@ -2,12 +2,17 @@
 
     y = sum_k p(k | x) * (scale_k * x + shift_k),   p(k | x) = softmax_k(log(pi_k N(x; mu_k, diag(var_k))))
 
-at every position vector x (C channels) of a 3-D input view. Autograd through
-this composition saves and re-reads a dozen input-sized tensors, and the
-gradients of the broadcast (K, C) @ (N, C, M) products copy the input. The
-backward here recomputes what is cheaper to recompute than to keep (the mixed
-scale, x * x), holds at most one input-sized temporary beside the input
-gradient, and gets every parameter gradient from a (K, C) contraction.
+at every position vector x (C channels) of a 3-D input view. Forward and
+backward are thirteen (K, C) x input GEMMs and a few elementwise products
+(x * x, g * x, the mixed scale). Autograd through this composition would keep
+a dozen input-sized tensors and stream each through memory several times.
+Here both passes go a few samples at a time (:func:`~.layout.sample_chunks`):
+the temporaries of a chunk stay in cache from the GEMM that writes them to
+the ones that read them, the output and the input gradient are written in
+place chunk by chunk, sums of GEMM results are accumulated inside the GEMMs
+(baddbmm / addmm), and only the posterior (K per position) is kept for the
+backward. The peak is then the output and the input gradient plus chunk-sized
+temporaries.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from .layout import ChannelLayout
+from .layout import ChannelLayout, sample_chunks
 from .statistics import GaussianQuadratics
 
 
@@ -35,11 +40,17 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         shift: torch.Tensor,
         layout: ChannelLayout,
     ) -> torch.Tensor:
-        log_joint = GaussianQuadratics(precision, linear, const).log_joint(x3, layout)
-        posterior = log_joint.softmax(layout.channel_axis)
-        y3 = layout.unproject(posterior, shift).addcmul_(x3, layout.unproject(posterior, scale))
+        mixture = GaussianQuadratics(precision, linear, const)
+        y3 = _like_input(x3)
+        posteriors = []
+        for chunk in sample_chunks(x3):
+            x_chunk = x3[chunk]
+            posterior = mixture.log_joint(x_chunk, layout).softmax(layout.channel_axis)
+            posteriors.append(posterior)
+            y_chunk = layout.unproject(posterior, scale, out=y3[chunk]).mul_(x_chunk)
+            layout.unproject(posterior, shift, add_to=y_chunk)
         ctx.layout = layout
-        ctx.save_for_backward(x3, posterior, precision, linear, scale, shift)
+        ctx.save_for_backward(x3, torch.cat(posteriors), precision, linear, scale, shift)
         return y3
 
     @staticmethod
@@ -47,28 +58,36 @@ class _PosteriorAffineFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_y3: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x3, posterior, precision, linear, scale, shift = ctx.saved_tensors
         layout: ChannelLayout = ctx.layout
-        need = ctx.needs_input_grad
-        # Input-sized temporaries are created one at a time and dropped as soon as they are used,
-        # so the peak is the output, the input gradient and one temporary.
-        grad_x_y = grad_y3 * x3
-        # through the posterior: d/d log_joint of softmax, from d/d posterior_k = scale_k . (g x) + shift_k . g
-        grad_posterior = layout.project(grad_x_y, scale).add_(layout.project(grad_y3, shift))
-        grad_scale = layout.contract(posterior, grad_x_y) if need[4] else None
-        del grad_x_y
-        grad_shift = layout.contract(posterior, grad_y3) if need[5] else None
-        centred = grad_posterior.sub_((grad_posterior * posterior).sum(layout.channel_axis, keepdim=True))
-        grad_log_joint = centred.mul_(posterior)
+        # (K, C) sums over samples and positions: d/d precision (times -2), linear, scale, shift
+        grad_params = scale.new_zeros(4, *scale.shape)
+        grad_const = scale.new_zeros(scale.shape[0])
+        grad_x3 = _like_input(x3)
+        neg_precision = -precision
+        for chunk in sample_chunks(x3):
+            x_chunk, g_chunk, p_chunk = x3[chunk], grad_y3[chunk], posterior[chunk]
+            grad_times_x = g_chunk * x_chunk
+            # d/d posterior_k = scale_k . (g x) + shift_k . g, then through the softmax:
+            # p * (d - sum_k p d), without a second (K per position) temporary
+            grad_log_joint = layout.project(g_chunk, shift, add_to=layout.project(grad_times_x, scale)).mul_(p_chunk)
+            grad_log_joint.addcmul_(p_chunk, grad_log_joint.sum(layout.channel_axis, keepdim=True), value=-1.0)
+            grad_params[2] += layout.contract(p_chunk, grad_times_x)
+            del grad_times_x
+            grad_params[3] += layout.contract(p_chunk, g_chunk)
+            grad_params[0] += layout.contract(grad_log_joint, x_chunk * x_chunk)
+            grad_params[1] += layout.contract(grad_log_joint, x_chunk)
+            grad_const += grad_log_joint.sum((0, layout.position_axis))
+            # d log_joint_k / dx = linear_k - precision_k x, so
+            # grad_x = sum_k grad_log_joint_k (linear_k - precision_k x) + g * (mixed scale)
+            grad_x_chunk = layout.unproject(grad_log_joint, neg_precision, out=grad_x3[chunk]).mul_(x_chunk)
+            grad_x_chunk.addcmul_(g_chunk, layout.unproject(p_chunk, scale))
+            layout.unproject(grad_log_joint, linear, add_to=grad_x_chunk)
+        grad_precision, grad_linear, grad_scale, grad_shift = grad_params.unbind(0)
+        return grad_x3, grad_precision.mul_(-0.5), grad_linear, grad_const, grad_scale, grad_shift, None
 
-        grad_x3 = None
-        if need[0]:
-            # d log_joint_k / dx_c = linear_kc - precision_kc x_c
-            grad_x3 = layout.unproject(grad_log_joint, linear)
-            grad_x3.addcmul_(grad_y3, layout.unproject(posterior, scale))
-            grad_x3.addcmul_(x3, layout.unproject(grad_log_joint, precision), value=-1.0)
-        grad_precision = -0.5 * layout.contract(grad_log_joint, x3 * x3) if need[1] else None
-        grad_linear = layout.contract(grad_log_joint, x3) if need[2] else None
-        grad_const = grad_log_joint.sum((0, layout.position_axis)) if need[3] else None
-        return grad_x3, grad_precision, grad_linear, grad_const, grad_scale, grad_shift, None
+
+def _like_input(x3: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of x3's shape: chunks along the batch dim are then contiguous GEMM outputs."""
+    return torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
 
 
 def posterior_affine(

@@ -227,7 +227,7 @@ class GaussianQuadratics(NamedTuple):
     def log_joint(self, points: torch.Tensor, layout: ChannelLayout) -> torch.Tensor:
         """log(pi_k N(x; mu_k, diag(var_k))) at every position: ``points``' channel axis replaced by K."""
         log_joint = layout.project(points * points, -0.5 * self.precision)
-        return log_joint.add_(layout.project(points, self.linear)).add_(layout.along_channels(self.const))
+        return layout.project(points, self.linear, add_to=log_joint).add_(layout.along_channels(self.const))
 
 
 def diagonal_gaussian_log_joint(
