@@ -17,7 +17,7 @@ temporaries.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -41,17 +41,18 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         layout: ChannelLayout,
     ) -> torch.Tensor:
         mixture = GaussianQuadratics(precision, linear, const)
-        y3 = _like_input(x3)
+        chunks = sample_chunks(x3)
+        y3 = _output_like(x3, chunks)
         posteriors = []
-        for chunk in sample_chunks(x3):
+        for chunk in chunks:
             x_chunk = x3[chunk]
             posterior = mixture.log_joint(x_chunk, layout).softmax(layout.channel_axis)
             posteriors.append(posterior)
-            y_chunk = layout.unproject(posterior, scale, out=y3[chunk]).mul_(x_chunk)
+            y_chunk = layout.unproject(posterior, scale, out=_part(y3, chunk)).mul_(x_chunk)
             layout.unproject(posterior, shift, add_to=y_chunk)
         ctx.layout = layout
-        ctx.save_for_backward(x3, torch.cat(posteriors), precision, linear, scale, shift)
-        return y3
+        ctx.save_for_backward(x3, _joined(posteriors), precision, linear, scale, shift)
+        return y_chunk if y3 is None else y3
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -61,9 +62,10 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         # (K, C) sums over samples and positions: d/d precision (times -2), linear, scale, shift
         grad_params = scale.new_zeros(4, *scale.shape)
         grad_const = scale.new_zeros(scale.shape[0])
-        grad_x3 = _like_input(x3)
+        chunks = sample_chunks(x3)
+        grad_x3 = _output_like(x3, chunks)
         neg_precision = -precision
-        for chunk in sample_chunks(x3):
+        for chunk in chunks:
             x_chunk, g_chunk, p_chunk = x3[chunk], grad_y3[chunk], posterior[chunk]
             grad_times_x = g_chunk * x_chunk
             # d/d posterior_k = scale_k . (g x) + shift_k . g, then through the softmax:
@@ -78,16 +80,26 @@ class _PosteriorAffineFunction(torch.autograd.Function):
             grad_const += grad_log_joint.sum((0, layout.position_axis))
             # d log_joint_k / dx = linear_k - precision_k x, so
             # grad_x = sum_k grad_log_joint_k (linear_k - precision_k x) + g * (mixed scale)
-            grad_x_chunk = layout.unproject(grad_log_joint, neg_precision, out=grad_x3[chunk]).mul_(x_chunk)
+            grad_x_chunk = layout.unproject(grad_log_joint, neg_precision, out=_part(grad_x3, chunk)).mul_(x_chunk)
             grad_x_chunk.addcmul_(g_chunk, layout.unproject(p_chunk, scale))
             layout.unproject(grad_log_joint, linear, add_to=grad_x_chunk)
         grad_precision, grad_linear, grad_scale, grad_shift = grad_params.unbind(0)
+        grad_x3 = grad_x_chunk if grad_x3 is None else grad_x3
         return grad_x3, grad_precision.mul_(-0.5), grad_linear, grad_const, grad_scale, grad_shift, None
 
 
-def _like_input(x3: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor of x3's shape: chunks along the batch dim are then contiguous GEMM outputs."""
-    return torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+def _output_like(x3: torch.Tensor, chunks: List[slice]) -> Optional[torch.Tensor]:
+    """The tensor that chunk results are written into: contiguous, x3's shape, so that every chunk
+    along the batch dim is a contiguous GEMM output. None for a single chunk, whose result is the output."""
+    return None if len(chunks) == 1 else torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
+
+
+def _part(output: Optional[torch.Tensor], chunk: slice) -> Optional[torch.Tensor]:
+    return None if output is None else output[chunk]
+
+
+def _joined(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def posterior_affine(
