@@ -46,7 +46,7 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         posteriors = []
         for chunk in chunks:
             x_chunk = x3[chunk]
-            posterior = _posterior(mixture.log_joint(x_chunk, layout), layout.channel_axis)
+            posterior = mixture.log_joint(x_chunk, layout).softmax(layout.channel_axis)
             posteriors.append(posterior)
             y_chunk = layout.unproject(posterior, scale, out=_part(y3, chunk)).mul_(x_chunk)
             layout.unproject(posterior, shift, add_to=y_chunk)
@@ -86,20 +86,6 @@ class _PosteriorAffineFunction(torch.autograd.Function):
         grad_precision, grad_linear, grad_scale, grad_shift = grad_params.unbind(0)
         grad_x3 = grad_x_chunk if grad_x3 is None else grad_x3
         return grad_x3, grad_precision.mul_(-0.5), grad_linear, grad_const, grad_scale, grad_shift, None
-
-
-def _posterior(log_joint: torch.Tensor, dim: int) -> torch.Tensor:
-    """p(k | x) = softmax of the log joints over ``dim``, with posteriors under sqrt(tiny) set to 0.
-
-    A component far from x gets a posterior like exp(-100), a denormal number,
-    and every GEMM and product that reads it then runs several times slower on
-    x86 CPUs: with the initial means of a fresh layer, the training step cost
-    3.0-3.1x BatchNorm's instead of 2.5x (conv benchmark, K=8). Under sqrt(tiny)
-    (1e-19 in float32) a posterior's share of the output is 40 bits below
-    float32 resolution, and the product of two such factors cannot underflow.
-    """
-    posterior = log_joint.softmax(dim)
-    return torch.nn.functional.threshold_(posterior, torch.finfo(posterior.dtype).tiny ** 0.5, 0.0)
 
 
 def _output_like(x3: torch.Tensor, chunks: List[slice]) -> Optional[torch.Tensor]:
