@@ -18,8 +18,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 19
-"""Elements per input-sized temporary in the passes that go a few samples at a time (2 MiB in float32):
+CHUNK_ELEMENTS = 1 << 20
+"""Elements per input-sized temporary in the passes that go a few samples at a time (4 MiB in float32):
 small enough to stay in cache between the ops of one chunk and to keep the peak memory near the input's."""
 
 
