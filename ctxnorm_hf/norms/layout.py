@@ -132,17 +132,15 @@ class ChannelLayout:
         ``add_to`` accumulates in place as in :meth:`project`; ``out`` (contiguous,
         the result's shape) receives the product instead of a new tensor.
         """
-        target = add_to if add_to is not None else out
         if self.channels_last:
             rows = weights3.reshape(-1, weights3.shape[-1])
-            if target is None:
-                return (rows @ matrix).view(*weights3.shape[:-1], -1)
-            flat = target.view(rows.shape[0], -1)
             if add_to is not None:
-                flat.addmm_(rows, matrix)
-            else:
-                torch.mm(rows, matrix, out=flat)
-            return target
+                add_to.view(rows.shape[0], -1).addmm_(rows, matrix)
+                return add_to
+            if out is not None:
+                torch.mm(rows, matrix, out=out.view(rows.shape[0], -1))
+                return out
+            return (rows @ matrix).view(*weights3.shape[:-1], -1)
         left = matrix.transpose(0, 1).expand(weights3.shape[0], -1, -1)
         if add_to is not None:
             return add_to.baddbmm_(left, weights3)
