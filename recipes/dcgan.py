@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctxnorm_hf import AdaptiveContextNorm, MixtureNorm, ModeNorm
-from ctxnorm_hf.experiment import check_at_least, parse_norms, parse_seeds, set_seed
+from ctxnorm_hf.experiment import check_at_least, end_distributed, parse_norms, parse_seeds, set_seed
 from ctxnorm_hf.frechet import FeatureSpace, GaussianStats, frechet_distance, gaussian_stats, load_inception
 from ctxnorm_hf.image_data import LOADERS, ImageData, load_image_data
 from ctxnorm_hf.models import SmallConvNet
@@ -558,6 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
         save_image(data.train_images[:64], os.path.join(args.output_dir, "samples", "real.png"), nrow=8)
     results = [run_one(norm, seed, data, reference, args) for norm in args.norms for seed in args.seeds]
+    end_distributed()
     if main_process:
         print(write_outputs(args, data, reference, results))
     return 0

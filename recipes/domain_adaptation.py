@@ -88,7 +88,16 @@ from torch import nn
 
 from ctxnorm_hf.contexts import DomainContexts
 from ctxnorm_hf.distributed import set_sync_stats
-from ctxnorm_hf.experiment import NORM_CHOICES, WITH_CONTEXT_IDS, apply_norm, check_at_least, parse_norms, parse_seeds, set_seed
+from ctxnorm_hf.experiment import (
+    NORM_CHOICES,
+    WITH_CONTEXT_IDS,
+    apply_norm,
+    check_at_least,
+    end_distributed,
+    parse_norms,
+    parse_seeds,
+    set_seed,
+)
 from ctxnorm_hf.image_data import ImageData, load_image_data
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
 from ctxnorm_hf.runs import RunProgress, RunResult, latest_checkpoint, mean_curves, save_checkpoint
@@ -776,10 +785,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup = prepare_setup(args, parser)
     os.makedirs(args.output_dir, exist_ok=True)
     results = [run_one(norm, seed, setup, args) for norm in args.norms for seed in args.seeds]
-    state = PartialState()
-    if state.is_main_process:
+    main_process = PartialState().is_main_process
+    end_distributed()
+    if main_process:
         print(write_outputs(args, setup, results))
-    state.destroy_process_group()
     return 0
 
 

@@ -41,7 +41,16 @@ from transformers import TrainingArguments
 
 from ctxnorm_hf import ContextTrainer, from_pretrained, load_context_source, push_to_hub
 from ctxnorm_hf.contexts import BackboneFeatures, ContextPredictor, ContextSource, KMeansContexts, SuperclassContexts
-from ctxnorm_hf.experiment import UNCHANGED, WITH_CONTEXT_IDS, apply_norm, check_at_least, parse_norms, parse_seeds, set_seed
+from ctxnorm_hf.experiment import (
+    UNCHANGED,
+    WITH_CONTEXT_IDS,
+    apply_norm,
+    check_at_least,
+    end_distributed,
+    parse_norms,
+    parse_seeds,
+    set_seed,
+)
 from ctxnorm_hf.image_data import LOADERS, ImageData, load_image_data
 from ctxnorm_hf.models import build_classifier, is_timm_name, timm_model_args
 from ctxnorm_hf.reporting import format_mean_spread, markdown_table, mean_and_spread, plot_curves, write_json
@@ -325,6 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = make_context_source(args, data, parser)
     predictor = fit_context_predictor(data, source)
     results = [run_one(norm, seed, data, source, predictor, args) for norm in args.norms for seed in args.seeds]
+    end_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     write_json(
